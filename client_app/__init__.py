@@ -1,0 +1,1 @@
+"""Flower ClientApp entry point (thin: the work is in fedcoe_flwr)."""

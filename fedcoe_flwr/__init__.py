@@ -1,0 +1,1 @@
+"""fedcoe-flwr: personalised federated learning with mixtures of experts on Flower."""

@@ -1,0 +1,72 @@
+"""FedAvg (McMahan et al. 2017): sample-weighted average of all parameters.
+With ``prox_mu`` > 0 the local loss gets FedProx's (mu/2)||w - w_global||^2 term."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from ..config import ExperimentConfig
+from ..data import ClientData
+from ..models import build_expert
+from .common import (Algorithm, Arrays, Reply, ServerState, load_module, prefixed, proximal_term,
+                     run_local_epochs, seeded_init, state_of, unprefixed, weighted_average)
+
+PREFIX = "model."
+
+
+def build_model(cfg: ExperimentConfig, num_classes: int, state: Mapping[str, torch.Tensor],
+                device: torch.device) -> torch.nn.Module:
+    return load_module(build_expert(cfg, num_classes), state, device)
+
+
+def local_update(model: torch.nn.Module, data: ClientData, cfg: ExperimentConfig, device: torch.device,
+                 seed: int, prox_mu: float) -> float:
+    """Cross-entropy SGD on the whole model, plus the proximal term when prox_mu > 0."""
+    anchor = {k: v.detach().clone() for k, v in model.named_parameters()}
+
+    def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = F.cross_entropy(model(x), y) + cfg.load_balance_weight * model.load_balance_loss()
+        if prox_mu > 0:
+            loss = loss + prox_mu / 2 * proximal_term([model], [anchor])
+        return loss
+
+    return run_local_epochs(list(model.parameters()), [model], data, cfg, device, seed, loss_fn)
+
+
+def softmax_predictor(model: torch.nn.Module):
+    model.eval()
+    return lambda x: F.softmax(model(x), dim=1)
+
+
+class FedAvg(Algorithm):
+    name = "fedavg"
+    prox_mu_from_config = False  # FedAvg trains with plain cross-entropy
+
+    def _mu(self, cfg: ExperimentConfig) -> float:
+        return cfg.prox_mu if self.prox_mu_from_config else 0.0
+
+    def init_state(self, cfg: ExperimentConfig, num_classes: int) -> ServerState:
+        model = seeded_init(lambda: build_expert(cfg, num_classes), cfg.seed)
+        return ServerState(prefixed(PREFIX, state_of(model)))
+
+    def train_payload(self, state, cfg, client_index, server_round):
+        return dict(state.arrays), {}
+
+    def aggregate(self, state: ServerState, replies: list[Reply], cfg, server_round):
+        averaged = weighted_average([r.arrays for r in replies], [r.num_samples for r in replies])
+        return ServerState(averaged, state.extra), {}
+
+    def global_predict(self, state, cfg, num_classes, device):
+        return softmax_predictor(build_model(cfg, num_classes, unprefixed(PREFIX, state.arrays), device))
+
+    def client_train(self, arrays, config, private, data, cfg, num_classes, device, seed):
+        model = build_model(cfg, num_classes, unprefixed(PREFIX, arrays), device)
+        loss = local_update(model, data, cfg, device, seed, self._mu(cfg))
+        return prefixed(PREFIX, state_of(model)), None, {"num_samples": data.num_train, "train_loss": loss}
+
+    def client_predict(self, arrays, config, private, cfg, num_classes, device):
+        return softmax_predictor(build_model(cfg, num_classes, unprefixed(PREFIX, arrays), device))
+

@@ -1,0 +1,52 @@
+"""Conversions between the algorithms' tensors/configs and Flower records."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+
+from .config import ExperimentConfig, from_dict
+
+EXPERIMENT = "experiment"  # the validated ExperimentConfig, sent with every message
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+
+
+def to_array_record(arrays: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    return ArrayRecord(torch_state_dict={k: v.detach().cpu() for k, v in arrays.items()})
+
+
+def from_array_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    return dict(record.to_torch_state_dict())
+
+
+def experiment_record(cfg: ExperimentConfig) -> ConfigRecord:
+    return ConfigRecord(cfg.to_dict())
+
+
+def experiment_from_record(record: ConfigRecord) -> ExperimentConfig:
+    return from_dict(dict(record))
+
+
+def config_record(values: Mapping[str, Any]) -> ConfigRecord:
+    return ConfigRecord(dict(values))
+
+
+def metric_record(values: Mapping[str, Any]) -> MetricRecord:
+    """Numbers and lists of numbers only (MetricRecord's types)."""
+    clean: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, bool):
+            clean[key] = int(value)
+        elif isinstance(value, (int, float)):
+            clean[key] = value
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) for v in value):
+            clean[key] = [float(v) for v in value]
+    return MetricRecord(clean)
+
+
+def array_bytes(arrays: Mapping[str, torch.Tensor]) -> int:
+    return int(sum(v.numel() * v.element_size() for v in arrays.values()))

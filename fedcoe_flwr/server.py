@@ -1,0 +1,42 @@
+"""What the ServerApp does: validate the config once, then run the Strategy."""
+
+from __future__ import annotations
+
+import os
+from logging import INFO
+from pathlib import Path
+from typing import Any, Mapping
+
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from .config import ExperimentConfig, config_from_run_config
+from .results import ResultsWriter
+from .strategy import MoEStrategy
+
+PROJECT_DIR_ENV = "FEDCOE_PROJECT_DIR"
+
+
+def project_dir() -> Path:
+    """Where relative paths (config, data_root, cache_dir, results_dir) resolve:
+    $FEDCOE_PROJECT_DIR if set, else the working directory of the process."""
+    return Path(os.environ.get(PROJECT_DIR_ENV) or os.getcwd()).resolve()
+
+
+def absolute_paths(cfg: ExperimentConfig, base: Path) -> ExperimentConfig:
+    """Clients run in other processes (Ray workers, SuperNodes) with other working
+    directories: send them absolute paths."""
+    def resolve(value: str) -> str:
+        return str(base / os.path.expanduser(value)) if value and not os.path.isabs(os.path.expanduser(value)) \
+            else os.path.expanduser(value)
+
+    return cfg.replace(data_root=resolve(cfg.data_root) if cfg.data_root else "",
+                       cache_dir=resolve(cfg.cache_dir), results_dir=resolve(cfg.results_dir))
+
+
+def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
+    base = project_dir()
+    cfg = absolute_paths(config_from_run_config(run_config, str(base)), base)
+    results = ResultsWriter(cfg)
+    log(INFO, "[fedcoe] config %s validated; results go to %s", cfg.config_path or "(defaults)", results.dir)
+    return MoEStrategy(cfg, results).start(grid)

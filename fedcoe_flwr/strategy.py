@@ -1,0 +1,363 @@
+"""The Flower Strategy: finds the nodes, sends each client its own payload, validates
+replies, calls the method's aggregation, evaluates the three metrics, writes results
+and checkpoints. Algorithm logic lives in ``fedcoe_flwr.algorithms``."""
+
+from __future__ import annotations
+
+import time
+from logging import ERROR, INFO, WARNING
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from .algorithms import get_algorithm
+from .algorithms.common import Reply, ServerState, accuracy
+from .config import ExperimentConfig
+from .data import load_dataset, load_global_test
+from .models import pick_device
+from .records import (ARRAYS, CONFIG, EXPERIMENT, METRICS, array_bytes, config_record,
+                      experiment_record, from_array_record, to_array_record)
+from .results import ResultsWriter
+
+# Model-defining keys a resumed run must share with its checkpoint.
+RESUME_KEYS = ("algorithm", "model", "num_experts", "dataset", "num_clients", "num_coldstart_clients",
+               "partition", "dirichlet_alpha", "seed", "resnet_depth", "resnet_width", "inner_experts",
+               "width_multiplier", "local_part", "gate_width")
+
+
+class FederationError(RuntimeError):
+    """The federation cannot go on (wrong node count, too few replies); says how to fix it."""
+
+
+def validate_reply(arrays: Mapping[str, torch.Tensor], metrics: Mapping[str, Any],
+                   expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+                   payload: Mapping[str, torch.Tensor], max_norm_ratio: float) -> str | None:
+    """The reason a training reply must be rejected, or None when it is sound."""
+    missing = sorted(set(expected) - set(arrays))
+    extra = sorted(set(arrays) - set(expected))
+    if missing or extra:
+        return f"unexpected keys (missing {missing[:3]}, extra {extra[:3]})"
+    for key, (shape, dtype) in expected.items():
+        value = arrays[key]
+        if tuple(value.shape) != shape:
+            return f"'{key}' has shape {tuple(value.shape)}, expected {shape}"
+        if value.dtype != dtype:
+            return f"'{key}' has dtype {value.dtype}, expected {dtype}"
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            return f"'{key}' holds NaN or Inf"
+    n = metrics.get("num_samples")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        return f"num_samples must be a positive integer, got {n!r}"
+    if "correlation" in arrays:
+        row = arrays["correlation"]
+        if (row < 0).any() or abs(float(row.sum()) - 1.0) > 1e-3:
+            return f"correlation row is not a probability vector (sum {float(row.sum()):.4f})"
+    if max_norm_ratio > 0:
+        for key, ref in payload.items():
+            if ref.is_floating_point() and not key.endswith(("running_mean", "running_var")):
+                delta = float((arrays[key].float() - ref.float()).norm())
+                bound = max_norm_ratio * (float(ref.float().norm()) + 1.0)
+                if delta > bound:
+                    return f"update of '{key}' has norm {delta:.3g} > bound {bound:.3g}"
+    return None
+
+
+def summarise_personalised(accs: list[float], weights: list[int]) -> dict[str, float]:
+    a, w = np.array(accs, dtype=float), np.array(weights, dtype=float)
+    return {"personalized_accuracy": float((a * w).sum() / w.sum()),
+            "personalized_accuracy_mean": float(a.mean()),
+            "personalized_accuracy_p10": float(np.percentile(a, 10))}
+
+
+class MoEStrategy(Strategy):
+    """One Strategy for every method: per-client payloads (FedCoE sends each client
+    only its expert set), replies validated before the method aggregates them."""
+
+    def __init__(self, cfg: ExperimentConfig, results: ResultsWriter):
+        self.cfg = cfg
+        self.algorithm = get_algorithm(cfg.algorithm)
+        self.results = results
+        self.device = pick_device(cfg.device)
+        self.num_classes = load_dataset(cfg).num_classes
+        self.state: ServerState = self.algorithm.init_state(cfg, self.num_classes)
+        self.rng = np.random.default_rng(cfg.seed)
+        self.round = 0
+        self.history: list[dict[str, Any]] = []
+        self.round_log: list[dict[str, Any]] = []
+        self.comm = {"bytes_down": 0, "bytes_up": 0}
+        self.node_of: dict[int, int] = {}  # partition id -> node id
+        self._sent: dict[int, tuple[int, dict[str, torch.Tensor], dict[str, Any]]] = {}
+        self._global_test: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._last_eval: dict[str, Any] = {}
+
+    # ------------------------------------------------------------ checkpoints
+    def checkpoint_payload(self) -> dict[str, Any]:
+        return {"round": self.round, "arrays": self.state.arrays, "extra": self.state.extra,
+                "history": self.history, "round_log": self.round_log, "comm": dict(self.comm),
+                "rng": self.rng.bit_generator.state, "config": self.cfg.to_dict()}
+
+    def restore(self, payload: Mapping[str, Any]) -> None:
+        saved = payload["config"]
+        for key in RESUME_KEYS:
+            if saved.get(key) != getattr(self.cfg, key):
+                raise FederationError(f"cannot resume: checkpoint has {key}={saved.get(key)!r}, "
+                                      f"this run has {key}={getattr(self.cfg, key)!r}")
+        self.state = ServerState(dict(payload["arrays"]), dict(payload["extra"]))
+        self.round, self.history = int(payload["round"]), list(payload["history"])
+        self.round_log, self.comm = list(payload["round_log"]), dict(payload["comm"])
+        self.rng.bit_generator.state = payload["rng"]
+        self.results.rewrite_history(self.history, self.round_log)
+
+    # ------------------------------------------------------------ nodes
+    def discover(self, grid: Grid, wait_s: float = 60.0) -> None:
+        """Ask every node for its partition (SuperNode ids change on restart, so sites
+        are identified by node config) and check the federation matches the config."""
+        want = self.cfg.num_partitions
+        deadline = time.time() + wait_s
+        node_ids = list(grid.get_node_ids())
+        while len(node_ids) < want and time.time() < deadline:
+            time.sleep(1.0)
+            node_ids = list(grid.get_node_ids())
+        msgs = [Message(content=RecordDict(), dst_node_id=n, message_type="query.profile") for n in node_ids]
+        seen: dict[int, int] = {}
+        for reply in grid.send_and_receive(msgs, timeout=self.cfg.round_timeout):
+            if reply.has_error():
+                log(WARNING, "node did not answer the profile query: %s", reply.error)
+                continue
+            info = reply.content.config_records[CONFIG]
+            pid, num = int(info["partition-id"]), int(info["num-partitions"])
+            if num != want:
+                raise FederationError(
+                    f"node {reply.metadata.src_node_id} says num-partitions={num}, but the config has "
+                    f"num_clients + num_coldstart_clients = {self.cfg.num_clients} + "
+                    f"{self.cfg.num_coldstart_clients} = {want}. Run with --federation-config "
+                    f"\"num-supernodes={want}\" or change num_clients/num_coldstart_clients.")
+            seen[pid] = reply.metadata.src_node_id
+        missing = sorted(set(range(want)) - set(seen))
+        if len(node_ids) != want or missing:
+            raise FederationError(
+                f"the federation has {len(node_ids)} nodes but the config needs {want} "
+                f"({self.cfg.num_clients} training + {self.cfg.num_coldstart_clients} cold-start); "
+                f"missing partitions {missing[:10]}. In simulation run "
+                f"flwr run . --federation-config \"num-supernodes={want}\", or set num_clients and "
+                f"num_coldstart_clients to match the nodes you have.")
+        self.node_of = seen
+        log(INFO, "[fedcoe] %d nodes: partitions 0..%d train, %d..%d cold start", want,
+            self.cfg.num_clients - 1, self.cfg.num_clients, want - 1)
+
+    def _message(self, client: int, message_type: str, arrays: Mapping[str, torch.Tensor],
+                 config: Mapping[str, Any]) -> Message:
+        content = RecordDict({ARRAYS: to_array_record(arrays), CONFIG: config_record(config),
+                              EXPERIMENT: experiment_record(self.cfg)})
+        self.comm["bytes_down"] += array_bytes(arrays)
+        return Message(content=content, dst_node_id=self.node_of[client], message_type=message_type)
+
+    def _client_of(self, node_id: int) -> int | None:
+        return next((c for c, n in self.node_of.items() if n == node_id), None)
+
+    # ------------------------------------------------------------ training
+    def sample_clients(self) -> list[int]:
+        n = self.cfg.num_clients
+        k = max(1, int(round(self.cfg.fraction_train * n)))
+        return sorted(int(c) for c in self.rng.choice(n, size=k, replace=False)) if k < n else list(range(n))
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self._sent = {}
+        msgs = []
+        for client in self.sample_clients():
+            payload, pconfig = self.algorithm.train_payload(self.state, self.cfg, client, server_round)
+            pconfig = {**pconfig, "server_round": server_round}
+            self._sent[client] = (self.node_of[client], payload, pconfig)
+            msgs.append(self._message(client, "train", payload, pconfig))
+        return msgs
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid: list[Reply] = []
+        rejected: dict[int, str] = {}
+        answered: set[int] = set()
+        for reply in replies:
+            if reply.has_error():
+                continue  # attributed below: the node is among those that never answered
+            client = self._client_of(reply.metadata.src_node_id)
+            if client is None or client not in self._sent:
+                continue
+            answered.add(client)
+            node, payload, pconfig = self._sent[client]
+            try:
+                arrays = from_array_record(reply.content.array_records[ARRAYS])
+                metrics = dict(reply.content.metric_records[METRICS])
+            except (KeyError, ValueError, TypeError) as err:
+                rejected[client] = f"malformed reply ({err})"
+                continue
+            self.comm["bytes_up"] += array_bytes(arrays)
+            expected = self.algorithm.expected_upload(payload, pconfig, self.cfg)
+            reason = validate_reply(arrays, metrics, expected, payload, self.cfg.max_update_norm_ratio)
+            if reason:
+                rejected[client] = reason
+                continue
+            valid.append(Reply(client, int(metrics["num_samples"]), arrays, metrics))
+        failed = sorted(set(self._sent) - answered)
+        for client in failed:
+            log(WARNING, "[round %d] client %d (node %d) failed or timed out; left out", server_round,
+                client, self._sent[client][0])
+        for client, reason in rejected.items():
+            log(WARNING, "[round %d] rejected update of client %d (node %d): %s", server_round, client,
+                self._sent[client][0], reason)
+        needed = int(np.ceil(self.cfg.min_reply_fraction * len(self._sent)))
+        if len(valid) < needed:
+            raise FederationError(
+                f"round {server_round}: only {len(valid)} of {len(self._sent)} sampled clients sent a valid "
+                f"update, fewer than min_reply_fraction={self.cfg.min_reply_fraction} requires ({needed}); "
+                f"failed: {failed}, rejected: {rejected}. The last checkpoint is in {self.results.checkpoint_dir}")
+        self.state, diagnostics = self.algorithm.aggregate(self.state, valid, self.cfg, server_round)
+        n = np.array([r.num_samples for r in valid], dtype=float)
+        loss = float(np.dot(n, [r.metrics.get("train_loss", np.nan) for r in valid]) / n.sum())
+        record = {"round": server_round, "train_loss": loss, "clients": len(self._sent),
+                  "replies": len(valid), "failed": failed, "rejected": sorted(rejected),
+                  "bytes_down_total": self.comm["bytes_down"], "bytes_up_total": self.comm["bytes_up"],
+                  **diagnostics}
+        self.round_log.append(record)
+        self.results.log_round(record)
+        return None, MetricRecord({"train_loss": loss})
+
+    # ------------------------------------------------------------ evaluation
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        msgs = []
+        clients_global = not self.algorithm.has_global_model
+        for client in range(self.cfg.num_clients):
+            payload, pconfig = self.algorithm.eval_payload(self.state, self.cfg, client)
+            msgs.append(self._message(client, "evaluate", payload,
+                                      {**pconfig, "server_round": server_round, "global_test": clients_global}))
+        if self.cfg.num_coldstart_clients:
+            payload, pconfig = self.algorithm.coldstart_payload(self.state, self.cfg)
+            for client in range(self.cfg.num_clients, self.cfg.num_partitions):
+                msgs.append(self._message(client, "evaluate.coldstart", payload,
+                                          {**pconfig, "server_round": server_round}))
+        return msgs
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        personal: list[tuple[float, int, float | None]] = []
+        cold: list[dict[str, Any]] = []
+        for reply in replies:
+            if reply.has_error():
+                log(WARNING, "[round %d] evaluation failed on a node: %s", server_round, reply.error)
+                continue
+            metrics = dict(reply.content.metric_records[METRICS])
+            if reply.metadata.message_type == "evaluate.coldstart":
+                cold.append(metrics)
+            else:
+                personal.append((metrics["accuracy"], int(metrics["num_test"]), metrics.get("global_accuracy")))
+        out: dict[str, Any] = {}
+        if personal:
+            out.update(summarise_personalised([p[0] for p in personal], [p[1] for p in personal]))
+            if not self.algorithm.has_global_model:
+                out["global_accuracy"] = float(np.mean([p[2] for p in personal]))
+                out["global_accuracy_source"] = "mean of client models"
+        if cold:
+            w = np.array([c["num_test"] for c in cold], dtype=float)
+            for key in sorted({k for c in cold for k in c if k.startswith("coldstart_accuracy")}):
+                vals = [(c[key], wi) for c, wi in zip(cold, w) if key in c]
+                out[key] = float(sum(v * wi for v, wi in vals) / sum(wi for _, wi in vals))
+            rows = [c["routing_row"] for c in cold if "routing_row" in c]
+            if rows:
+                out["coldstart_routing_rows"] = rows
+        self._last_eval = out
+        return MetricRecord({k: v for k, v in out.items() if isinstance(v, (int, float))}) if out else None
+
+    def evaluate_global(self) -> float | None:
+        predict = self.algorithm.global_predict(self.state, self.cfg, self.num_classes, self.device)
+        if predict is None:
+            return None
+        if self._global_test is None:
+            self._global_test = load_global_test(self.cfg)
+        x, y = self._global_test
+        return accuracy(predict, x, y, self.cfg, self.device)
+
+    def evaluate(self, server_round: int, grid: Grid) -> dict[str, Any]:
+        replies = grid.send_and_receive(
+            self.configure_evaluate(server_round, ArrayRecord(), ConfigRecord(), grid),
+            timeout=self.cfg.round_timeout)
+        self.aggregate_evaluate(server_round, replies)
+        client_metrics = self._last_eval
+        record: dict[str, Any] = {"round": server_round}
+        global_acc = self.evaluate_global()
+        if global_acc is not None:
+            record["global_accuracy"] = global_acc
+            record["global_accuracy_source"] = "global model"
+        record.update(client_metrics)
+        record.setdefault("global_accuracy", None)
+        record.setdefault("personalized_accuracy", None)
+        record.setdefault("coldstart_accuracy", None)
+        record["train_loss"] = self.round_log[-1]["train_loss"] if self.round_log else None
+        record["elapsed_s"] = round(time.time() - self.results.started, 2)
+        record.update(self.comm)
+        return record
+
+    # ------------------------------------------------------------ the run
+    def summary(self) -> None:
+        log(INFO, "[fedcoe] algorithm=%s rounds=%d clients=%d (+%d cold start) model=%s experts=%d "
+            "device=%s results=%s", self.cfg.algorithm, self.cfg.num_rounds, self.cfg.num_clients,
+            self.cfg.num_coldstart_clients, self.cfg.model, self.cfg.num_experts, self.device, self.results.dir)
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord | None = None, num_rounds: int | None = None,
+              timeout: float | None = None, train_config: ConfigRecord | None = None,
+              evaluate_config: ConfigRecord | None = None, evaluate_fn: Any = None) -> dict[str, Any]:
+        self.summary()
+        if self.cfg.resume:
+            ckpt = self.results.latest_checkpoint()
+            if ckpt is None:
+                log(WARNING, "[fedcoe] resume=true but no checkpoint in %s; starting at round 1",
+                    self.results.checkpoint_dir)
+            else:
+                self.restore(torch.load(ckpt, weights_only=False))
+                log(INFO, "[fedcoe] resumed from %s (round %d done)", ckpt, self.round)
+        self.discover(grid)
+        status = "running"
+        try:
+            for server_round in range(self.round + 1, self.cfg.num_rounds + 1):
+                t0 = time.time()
+                log(INFO, "")
+                log(INFO, "[ROUND %d/%d]", server_round, self.cfg.num_rounds)
+                replies = grid.send_and_receive(
+                    self.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid),
+                    timeout=self.cfg.round_timeout)
+                self.aggregate_train(server_round, replies)
+                last = self.round_log[-1]
+                log(INFO, "[round %d] train_loss=%.4f replies=%d/%d (%.1fs)", server_round, last["train_loss"],
+                    last["replies"], last["clients"], time.time() - t0)
+                if server_round % self.cfg.eval_every == 0 or server_round == self.cfg.num_rounds:
+                    record = self.evaluate(server_round, grid)
+                    self.history.append(record)
+                    self.results.log_metrics(record)
+                    log(INFO, "[round %d] global=%s personalised=%s cold-start=%s", server_round,
+                        _fmt(record["global_accuracy"]), _fmt(record["personalized_accuracy"]),
+                        _fmt(record["coldstart_accuracy"]))
+                    self.results.write_summary("running", self.history, {"communication": self.comm})
+                self.round = server_round
+                self.results.save_checkpoint(self.checkpoint_payload(), server_round)
+            status = "finished"
+        except BaseException as err:
+            status = f"failed: {type(err).__name__}: {err}"
+            log(ERROR, "[fedcoe] run stopped at round %d: %s", self.round + 1, err)
+            raise
+        finally:
+            self.results.write_summary(status, self.history, {
+                "communication": self.comm, "rounds_completed": self.round,
+                "checkpoint": str(self.results.latest_checkpoint() or "")})
+            self.results.plot(self.history)
+            if status == "finished":
+                self.results.save_final_state(self.checkpoint_payload())
+        log(INFO, "[fedcoe] finished: results in %s", self.results.dir)
+        return self.history[-1] if self.history else {}
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"

@@ -1,0 +1,13 @@
+"""ServerApp: load and validate the config once, then run the Strategy."""
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedcoe_flwr.server import run_server
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_server(grid, context.run_config)
