@@ -9,7 +9,7 @@ import zlib
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, RecordDict
+from flwr.app import Context, Message, RecordDict
 
 from .algorithms import get_algorithm
 from .algorithms.common import accuracy
@@ -87,13 +87,15 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     data = load_client_data(cfg, pid)
     num_classes = load_dataset(cfg).num_classes
     device = pick_device(cfg.device)
-    predict = algo.client_predict(arrays, config, _private(context), cfg, num_classes, device)
+    private = _private(context)
+    predict = algo.client_predict(arrays, config, private, cfg, num_classes, device)
     metrics: dict[str, Any] = {"accuracy": accuracy(predict, data.test_x, data.test_y, cfg, device),
-                               "num_test": int(len(data.test_y))}
+                               "num_test": int(len(data.test_y)), "num_samples": data.num_train}
     if config.get("global_test"):
         gx, gy = load_global_test(cfg)
         metrics["global_accuracy"] = accuracy(predict, gx, gy, cfg, device)
-    return _reply(msg, None, metrics)
+    upload = algo.client_eval_upload(arrays, config, private, cfg) if algo.coldstart_needs_client_parts else None
+    return _reply(msg, upload, metrics)
 
 
 def handle_coldstart(msg: Message, context: Context) -> Message:

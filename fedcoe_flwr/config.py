@@ -87,6 +87,11 @@ class ExperimentConfig:
     coldstart_adabn: bool = True
     coldstart_em: bool = True
     coldstart_top_m: bool = False
+    # ---- baselines -----------------------------------------------------------
+    pfedmoe_local_widths: str = "1.0"  # width multipliers of local extractors, cycled over clients
+    fedmoe_da_top_p: int = 5  # P: experts each expert aggregates with (besides itself)
+    fedmoe_da_interval: int = 5  # I: rounds between gate uploads / aggregation-matrix updates
+    fedmoe_da_tau: float = 1.0  # temperature of the aggregation softmax
     # ---- local training ----------------------------------------------------
     local_epochs: int = 2
     batch_size: int = 32
@@ -167,15 +172,16 @@ def _check(cfg: ExperimentConfig) -> None:
         "num_rounds", "eval_every", "num_clients", "num_experts", "local_epochs",
         "batch_size", "eval_batch_size", "resnet_width", "gate_width", "inner_experts",
         "inner_top_k", "synthetic_train_size", "synthetic_test_size", "keep_checkpoints",
+        "fedmoe_da_interval",
     )
     for key in positive:
         if getattr(cfg, key) < 1:
             bad(key, "must be >= 1")
     for key in ("num_coldstart_clients", "top_m", "train_subset", "global_test_subset",
-                "min_partition_size", "seed"):
+                "min_partition_size", "seed", "fedmoe_da_top_p"):
         if getattr(cfg, key) < 0:
             bad(key, "must be >= 0")
-    for key in ("lr", "round_timeout"):
+    for key in ("lr", "round_timeout", "fedmoe_da_tau"):
         if not getattr(cfg, key) > 0:
             bad(key, "must be > 0")
     for key in ("momentum", "weight_decay", "aux_weight", "load_balance_weight", "prox_mu",
@@ -207,6 +213,12 @@ def _check(cfg: ExperimentConfig) -> None:
         bad("classes_per_client", "must be >= 1")
     if cfg.dataset == "imagefolder" and not cfg.data_root:
         bad("data_root", "dataset 'imagefolder' needs data_root (a folder or .tar.gz)")
+    try:
+        widths = [float(w) for w in cfg.pfedmoe_local_widths.split(",")]
+    except ValueError:
+        widths = []
+    if not widths or min(widths) <= 0:
+        bad("pfedmoe_local_widths", "must be comma-separated positive numbers, e.g. '1.0,2.0'")
     if cfg.image_size < 8:
         bad("image_size", "must be >= 8")
 

@@ -48,5 +48,7 @@ def metric_record(values: Mapping[str, Any]) -> MetricRecord:
     return MetricRecord(clean)
 
 
-def array_bytes(arrays: Mapping[str, torch.Tensor]) -> int:
-    return int(sum(v.numel() * v.element_size() for v in arrays.values()))
+def array_bytes(arrays: Mapping[str, torch.Tensor], relayed: bool | None = None) -> int:
+    """Bytes of the tensors; ``relayed`` True/False counts only relay./other keys."""
+    return int(sum(v.numel() * v.element_size() for k, v in arrays.items()
+                   if relayed is None or k.startswith("relay.") == relayed))

@@ -89,7 +89,9 @@ class MoEStrategy(Strategy):
         self.round = 0
         self.history: list[dict[str, Any]] = []
         self.round_log: list[dict[str, Any]] = []
-        self.comm = {"bytes_down": 0, "bytes_up": 0}
+        # server-client bytes, peer-to-peer bytes relayed by the server (FedMoE-DA),
+        # and evaluation-protocol uploads (private parts averaged for cold start)
+        self.comm = {"bytes_down": 0, "bytes_up": 0, "bytes_p2p_relayed": 0, "bytes_eval_up": 0}
         self.node_of: dict[int, int] = {}  # partition id -> node id
         self._sent: dict[int, tuple[int, dict[str, torch.Tensor], dict[str, Any]]] = {}
         self._global_test: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -154,7 +156,8 @@ class MoEStrategy(Strategy):
                  config: Mapping[str, Any]) -> Message:
         content = RecordDict({ARRAYS: to_array_record(arrays), CONFIG: config_record(config),
                               EXPERIMENT: experiment_record(self.cfg)})
-        self.comm["bytes_down"] += array_bytes(arrays)
+        self.comm["bytes_down"] += array_bytes(arrays, relayed=False)
+        self.comm["bytes_p2p_relayed"] += array_bytes(arrays, relayed=True)
         return Message(content=content, dst_node_id=self.node_of[client], message_type=message_type)
 
     def _client_of(self, node_id: int) -> int | None:
@@ -196,7 +199,8 @@ class MoEStrategy(Strategy):
             except (KeyError, ValueError, TypeError) as err:
                 rejected[client] = f"malformed reply ({err})"
                 continue
-            self.comm["bytes_up"] += array_bytes(arrays)
+            self.comm["bytes_up"] += array_bytes(arrays, relayed=False)
+            self.comm["bytes_p2p_relayed"] += array_bytes(arrays, relayed=True)
             expected = self.algorithm.expected_upload(payload, pconfig, self.cfg)
             reason = validate_reply(arrays, metrics, expected, payload, self.cfg.max_update_norm_ratio)
             if reason:
@@ -230,18 +234,25 @@ class MoEStrategy(Strategy):
     # ------------------------------------------------------------ evaluation
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
+        """Personalised evaluation of every training client and, unless the new-client
+        model needs the training clients' private parts first, the cold-start clients."""
         msgs = []
         clients_global = not self.algorithm.has_global_model
         for client in range(self.cfg.num_clients):
             payload, pconfig = self.algorithm.eval_payload(self.state, self.cfg, client)
             msgs.append(self._message(client, "evaluate", payload,
                                       {**pconfig, "server_round": server_round, "global_test": clients_global}))
-        if self.cfg.num_coldstart_clients:
-            payload, pconfig = self.algorithm.coldstart_payload(self.state, self.cfg)
-            for client in range(self.cfg.num_clients, self.cfg.num_partitions):
-                msgs.append(self._message(client, "evaluate.coldstart", payload,
-                                          {**pconfig, "server_round": server_round}))
+        if not self.algorithm.coldstart_needs_client_parts:
+            msgs += self.configure_coldstart(server_round, None)
         return msgs
+
+    def configure_coldstart(self, server_round: int, client_parts: list[tuple[dict[str, torch.Tensor], int]] | None
+                            ) -> list[Message]:
+        if not self.cfg.num_coldstart_clients:
+            return []
+        payload, pconfig = self.algorithm.coldstart_payload(self.state, self.cfg, client_parts)
+        return [self._message(client, "evaluate.coldstart", payload, {**pconfig, "server_round": server_round})
+                for client in range(self.cfg.num_clients, self.cfg.num_partitions)]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         personal: list[tuple[float, int, float | None]] = []
@@ -282,9 +293,18 @@ class MoEStrategy(Strategy):
         return accuracy(predict, x, y, self.cfg, self.device)
 
     def evaluate(self, server_round: int, grid: Grid) -> dict[str, Any]:
-        replies = grid.send_and_receive(
+        replies = list(grid.send_and_receive(
             self.configure_evaluate(server_round, ArrayRecord(), ConfigRecord(), grid),
-            timeout=self.cfg.round_timeout)
+            timeout=self.cfg.round_timeout))
+        if self.algorithm.coldstart_needs_client_parts:
+            parts = []
+            for reply in replies:
+                if not reply.has_error() and ARRAYS in reply.content.array_records:
+                    arrays = from_array_record(reply.content.array_records[ARRAYS])
+                    self.comm["bytes_eval_up"] += array_bytes(arrays)
+                    parts.append((arrays, int(reply.content.metric_records[METRICS]["num_samples"])))
+            replies += list(grid.send_and_receive(self.configure_coldstart(server_round, parts),
+                                                  timeout=self.cfg.round_timeout))
         self.aggregate_evaluate(server_round, replies)
         client_metrics = self._last_eval
         record: dict[str, Any] = {"round": server_round}

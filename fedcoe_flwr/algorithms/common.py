@@ -2,7 +2,9 @@
 weighted averaging of state dicts, local SGD and evaluation loops.
 
 Arrays cross the wire as flat ``dict[str, Tensor]`` with dotted prefixes
-(``model.``, ``gate.``, ``expert.3.``); the Flower glue only converts them."""
+(``model.``, ``gate.``, ``expert.3.``); the Flower glue only converts them. Keys that
+start with ``relay.`` stand for peer-to-peer traffic the server only relays (FedMoE-DA's
+experts): the communication report counts their bytes separately."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from ..data import ClientData, batches
 
 Arrays = dict[str, torch.Tensor]
 BN_BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+RELAY_PREFIX = "relay."
 
 
 @dataclass
@@ -46,6 +49,9 @@ class Algorithm:
 
     name = "base"
     has_global_model = True  # False: global accuracy is the mean over clients' models
+    # True: the new-client model averages clients' private parts (FedPer's heads, ...),
+    # which training clients send with their evaluation reply (see client_eval_upload)
+    coldstart_needs_client_parts = False
 
     # ---- server side ---------------------------------------------------------
     def init_state(self, cfg: ExperimentConfig, num_classes: int) -> ServerState:
@@ -68,7 +74,11 @@ class Algorithm:
                      ) -> tuple[Arrays, dict[str, Any]]:
         return self.train_payload(state, cfg, client_index, 0)
 
-    def coldstart_payload(self, state: ServerState, cfg: ExperimentConfig) -> tuple[Arrays, dict[str, Any]]:
+    def coldstart_payload(self, state: ServerState, cfg: ExperimentConfig,
+                          client_parts: list[tuple[Arrays, int]] | None = None
+                          ) -> tuple[Arrays, dict[str, Any]]:
+        """The model a new client gets. ``client_parts``: (arrays, n_train) from every
+        training client's evaluation reply when ``coldstart_needs_client_parts``."""
         return self.train_payload(state, cfg, -1, 0)
 
     def global_predict(self, state: ServerState, cfg: ExperimentConfig, num_classes: int,
@@ -88,6 +98,12 @@ class Algorithm:
                        ) -> Callable[[torch.Tensor], torch.Tensor]:
         """The client's personalised model as x -> class probabilities."""
         raise NotImplementedError
+
+    def client_eval_upload(self, arrays: Arrays, config: Mapping[str, Any], private: Arrays | None,
+                           cfg: ExperimentConfig) -> Arrays | None:
+        """What a training client sends back at evaluation time for the cold-start model
+        (only when ``coldstart_needs_client_parts``); never training data."""
+        return None
 
     def client_coldstart(self, arrays: Arrays, config: Mapping[str, Any], data: ClientData,
                          cfg: ExperimentConfig, num_classes: int, device: torch.device

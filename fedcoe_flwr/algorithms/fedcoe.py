@@ -301,7 +301,7 @@ class FedCoE(Algorithm):
     def train_payload(self, state, cfg, client_index, server_round):
         return self._payload(state, self.client_experts(state, cfg, client_index))
 
-    def coldstart_payload(self, state, cfg):
+    def coldstart_payload(self, state, cfg, client_parts=None):
         return self._payload(state, list(range(cfg.num_experts)))
 
     def expected_upload(self, payload, config, cfg):
