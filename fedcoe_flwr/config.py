@@ -42,6 +42,7 @@ class ExperimentConfig:
     min_reply_fraction: float = 0.5  # a round fails below this share of replies
     device: str = "auto"
     round_timeout: float = 3600.0  # seconds to wait for replies in one round
+    wait_for_nodes: float = 0.0  # seconds to wait for all SuperNodes to connect (deployment)
     max_update_norm_ratio: float = 100.0  # reject ||update|| > ratio * (||global|| + 1); 0 = off
     resume: bool = False
     keep_checkpoints: int = 3
@@ -185,7 +186,7 @@ def _check(cfg: ExperimentConfig) -> None:
         if not getattr(cfg, key) > 0:
             bad(key, "must be > 0")
     for key in ("momentum", "weight_decay", "aux_weight", "load_balance_weight", "prox_mu",
-                "max_update_norm_ratio"):
+                "max_update_norm_ratio", "wait_for_nodes"):
         if getattr(cfg, key) < 0:
             bad(key, "must be >= 0")
     if cfg.top_m > cfg.num_experts:
@@ -235,14 +236,24 @@ def from_dict(values: Mapping[str, Any]) -> ExperimentConfig:
     return cfg
 
 
-def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+def load_yaml(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML mapping; ``base: other.yaml`` (relative to this file) is loaded first and
+    overridden key by key, so variants state only what differs."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file '{path}' not found (looked in {p.resolve()})")
-    with open(p) as fh:
-        data = yaml.safe_load(fh) or {}
+    if p.resolve() in _seen:
+        raise ConfigError(f"config file '{path}' includes itself through 'base'")
+    try:
+        with open(p) as fh:
+            data = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from err
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping of keys to values")
+    base = data.pop("base", None)
+    if base:
+        return {**load_yaml(p.parent / str(base), _seen + (p.resolve(),)), **data}
     return data
 
 

@@ -34,7 +34,13 @@ def versions() -> dict[str, str]:
 class ResultsWriter:
     def __init__(self, cfg: ExperimentConfig, base_dir: str | os.PathLike = "."):
         self.cfg = cfg
+        self.previous_run: Path | None = None
         self.dir = (Path(base_dir) / cfg.results_dir / cfg.resolved_run_name).resolve()
+        if not cfg.resume and self.dir.exists() and any(self.dir.iterdir()):
+            # a fresh run never overwrites an earlier one: that one is kept beside it
+            kept = self.dir.with_name(f"{self.dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+            self.dir.rename(kept)
+            self.previous_run = kept
         self.checkpoint_dir = self.dir / "checkpoints"
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.dir / "metrics.jsonl"

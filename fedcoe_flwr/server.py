@@ -39,4 +39,6 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     cfg = absolute_paths(config_from_run_config(run_config, str(base)), base)
     results = ResultsWriter(cfg)
     log(INFO, "[fedcoe] config %s validated; results go to %s", cfg.config_path or "(defaults)", results.dir)
+    if results.previous_run:
+        log(INFO, "[fedcoe] an earlier run with this name was moved to %s", results.previous_run)
     return MoEStrategy(cfg, results).start(grid)

@@ -116,11 +116,11 @@ class MoEStrategy(Strategy):
         self.results.rewrite_history(self.history, self.round_log)
 
     # ------------------------------------------------------------ nodes
-    def discover(self, grid: Grid, wait_s: float = 60.0) -> None:
+    def discover(self, grid: Grid) -> None:
         """Ask every node for its partition (SuperNode ids change on restart, so sites
         are identified by node config) and check the federation matches the config."""
         want = self.cfg.num_partitions
-        deadline = time.time() + wait_s
+        deadline = time.time() + self.cfg.wait_for_nodes
         node_ids = list(grid.get_node_ids())
         while len(node_ids) < want and time.time() < deadline:
             time.sleep(1.0)

@@ -57,6 +57,8 @@ def cap_shares(shares: np.ndarray, cap: float) -> np.ndarray:
         shares = np.where(capped, cap, shares)
         if rest.sum() > 0:
             shares[~capped] = rest / rest.sum() * free
+        elif (~capped).any():  # the others all had zero share: split the excess evenly (sum stays 1)
+            shares[~capped] = free / (~capped).sum()
     return shares
 
 

@@ -1,0 +1,133 @@
+"""FedPer (Arivazhagan et al. 2019): federated learning with personalisation layers.
+
+The model is the paper's (and FedMoE-DA's) SmallCNN, split as in FedMoE-DA Sec. V-A:
+the two convolutional layers are the *body* (base layers), the two fully connected
+layers (``fc1`` + ``classifier``) the *head* (personalisation layers).
+
+- Every local step trains body and head together with cross-entropy.
+- Only the body is uploaded; the server averages it sample-weighted (FedAvg).
+- The head stays on the client (private state) and never leaves it during training.
+- There is no single global model: global accuracy is the mean, over training clients,
+  of each client's body+head on the global test set.
+- Cold start (our evaluation protocol, not part of FedPer): the shared body with the
+  sample-weighted average of the training clients' heads, which they send with their
+  evaluation reply (``client_eval_upload``).
+
+Our choices where the paper is silent:
+- Initialisation: every client's head starts from the head of the same seeded initial
+  model the server's body comes from (equivalent to broadcasting the full initial
+  model w^0 once, as FedAvg-style implementations do); no extra traffic, and heads
+  share an origin, so averaging them for the cold-start model is meaningful.
+- A training client evaluated before it ever trained uses that same initial head.
+- With no client parts at all (no training client answered the evaluation), the
+  cold-start model is the body with the initial head.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+
+from ..config import ExperimentConfig
+from ..models import SmallCNN
+from .common import (Algorithm, Arrays, Reply, ServerState, prefixed, run_local_epochs, seeded_init,
+                     state_of, unprefixed, weighted_average)
+
+BODY = "body."
+HEAD = "head."
+BODY_LAYERS = ("conv1.", "conv2.")
+HEAD_LAYERS = ("fc1.", "classifier.")
+
+
+def require_cnn(cfg: ExperimentConfig, name: str) -> None:
+    """These baselines are defined on the paper's SmallCNN (2 conv + 2 FC)."""
+    if cfg.model != "cnn":
+        raise ValueError(f"{name} is defined on the FedMoE-DA paper's CNN (two conv + two FC layers); "
+                         f"set model: cnn (got model={cfg.model!r})")
+
+
+def build_cnn(cfg: ExperimentConfig, num_classes: int) -> SmallCNN:
+    return SmallCNN(num_classes, cfg.image_size, cfg.width_multiplier)
+
+
+def initial_model(cfg: ExperimentConfig, num_classes: int) -> SmallCNN:
+    """The seeded initial model w^0: its body is the server's, its head every client's."""
+    return seeded_init(lambda: build_cnn(cfg, num_classes), cfg.seed)
+
+
+def split_state(state: Mapping[str, torch.Tensor]) -> tuple[Arrays, Arrays]:
+    """SmallCNN state -> (body, head) without prefixes."""
+    body = {k: v for k, v in state.items() if k.startswith(BODY_LAYERS)}
+    head = {k: v for k, v in state.items() if k.startswith(HEAD_LAYERS)}
+    if len(body) + len(head) != len(state):
+        raise ValueError(f"unexpected SmallCNN keys: {sorted(set(state) - set(body) - set(head))}")
+    return body, head
+
+
+def build_client_model(cfg: ExperimentConfig, num_classes: int, body: Mapping[str, torch.Tensor],
+                       head: Mapping[str, torch.Tensor] | None, device: torch.device) -> SmallCNN:
+    """Body from the server; head private (or the initial head when there is none yet)."""
+    if head is None:
+        head = split_state(state_of(initial_model(cfg, num_classes)))[1]
+    model = build_cnn(cfg, num_classes)
+    model.load_state_dict({**dict(body), **dict(head)}, strict=True)
+    return model.to(device)
+
+
+def softmax_predictor(model: torch.nn.Module):
+    model.eval()
+    return lambda x: F.softmax(model(x), dim=1)
+
+
+class FedPer(Algorithm):
+    name = "fedper"
+    has_global_model = False
+    coldstart_needs_client_parts = True
+
+    # ---- server side
+    def init_state(self, cfg: ExperimentConfig, num_classes: int) -> ServerState:
+        require_cnn(cfg, self.name)
+        body, _ = split_state(state_of(initial_model(cfg, num_classes)))
+        return ServerState(prefixed(BODY, body))
+
+    def train_payload(self, state, cfg, client_index, server_round):
+        return dict(state.arrays), {}
+
+    def aggregate(self, state: ServerState, replies: list[Reply], cfg, server_round):
+        body = weighted_average([unprefixed(BODY, r.arrays) for r in replies], [r.num_samples for r in replies])
+        return ServerState(prefixed(BODY, body), state.extra), {}
+
+    def coldstart_payload(self, state, cfg, client_parts=None):
+        """Shared body + sample-weighted average of the training clients' heads."""
+        arrays = dict(state.arrays)
+        heads = [(unprefixed(HEAD, parts), n) for parts, n in (client_parts or []) if parts]
+        if heads:
+            arrays.update(prefixed(HEAD, weighted_average([h for h, _ in heads], [n for _, n in heads])))
+        return arrays, {"num_heads_averaged": len(heads)}
+
+    # ---- client side
+    def client_train(self, arrays, config, private, data, cfg, num_classes, device, seed):
+        head = unprefixed(HEAD, private) if private else None
+        model = build_client_model(cfg, num_classes, unprefixed(BODY, arrays), head, device)
+
+        def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(model(x), y)
+
+        loss = run_local_epochs(list(model.parameters()), [model], data, cfg, device, seed, loss_fn)
+        body, head = split_state(state_of(model))
+        return prefixed(BODY, body), prefixed(HEAD, head), {"num_samples": data.num_train, "train_loss": loss}
+
+    def client_predict(self, arrays, config, private, cfg, num_classes, device):
+        if private:
+            head = unprefixed(HEAD, private)
+        elif any(k.startswith(HEAD) for k in arrays):  # the cold-start model carries its head
+            head = unprefixed(HEAD, arrays)
+        else:  # a training client that has not trained yet: the initial head
+            head = None
+        return softmax_predictor(build_client_model(cfg, num_classes, unprefixed(BODY, arrays), head, device))
+
+    def client_eval_upload(self, arrays, config, private, cfg):
+        """The private head, only for the cold-start model's average (evaluation protocol)."""
+        return dict(private) if private else None

@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny validated configs on generated data, fresh data caches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedcoe_flwr import data as data_mod
+from fedcoe_flwr.config import ExperimentConfig, from_dict
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Small enough that a FedCoE local epoch takes well under a second on one CPU core.
+TINY = dict(
+    dataset="synthetic",
+    synthetic_train_size=240,
+    synthetic_test_size=60,
+    synthetic_num_classes=4,
+    image_size=16,
+    num_clients=3,
+    num_coldstart_clients=1,
+    partition="iid",
+    min_partition_size=5,
+    model="resnet_moe",
+    resnet_depth=8,
+    resnet_width=4,
+    inner_experts=2,
+    inner_top_k=1,
+    gate_width=4,
+    num_experts=3,
+    local_epochs=1,
+    batch_size=16,
+    eval_batch_size=64,
+    lr=0.05,
+)
+
+
+def clear_data_caches() -> None:
+    """Forget everything the data layer memoised in this process."""
+    data_mod._load_dataset_cached.cache_clear()
+    data_mod._client_splits_cached.cache_clear()
+    data_mod._client_data_cached.cache_clear()
+
+
+@pytest.fixture
+def make_cfg(tmp_path):
+    """make_cfg(**overrides) -> a validated tiny ExperimentConfig whose data cache
+    lives in this test's tmp_path (so no test sees another's cached arrays)."""
+
+    def make(**overrides) -> ExperimentConfig:
+        values = {**TINY, "cache_dir": str(tmp_path / "cache"), **overrides}
+        return from_dict(values)
+
+    return make
+
+
+@pytest.fixture
+def fresh_caches():
+    """Empty data caches before and after the test; yields the clearing function so a
+    test can force a recomputation from scratch."""
+    clear_data_caches()
+    yield clear_data_caches
+    clear_data_caches()
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_torch():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def cpu():
+    return torch.device("cpu")
