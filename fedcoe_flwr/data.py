@@ -13,6 +13,7 @@ import io
 import logging
 import os
 import tarfile
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -274,6 +275,10 @@ def _client_splits_cached(cfg_key: tuple) -> tuple[tuple[np.ndarray, np.ndarray]
     partitioner = _partitioner(cfg)
     partitioner.dataset = table
     splits = []
+    with warnings.catch_warnings():
+        # the Dirichlet partitioner warns on every resampling until min_partition_size holds
+        warnings.filterwarnings("ignore", message=".*min_partition_size.*", category=UserWarning)
+        partitioner.load_partition(0)
     for pid in range(cfg.num_partitions):
         part = np.asarray(partitioner.load_partition(pid)["idx"], dtype=np.int64)
         if len(part) < 2:

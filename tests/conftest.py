@@ -12,6 +12,10 @@ from fedcoe_flwr.config import ExperimentConfig, from_dict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# The test models are tiny: intra-op threads only add overhead, and on a busy 2-core
+# machine oversubscription made one local epoch 10-20x slower (0.4 s -> 4-10 s).
+torch.set_num_threads(1)
+
 # Small enough that a FedCoE local epoch takes well under a second on one CPU core.
 TINY = dict(
     dataset="synthetic",

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from fedcoe_flwr.config import (UNSET, ConfigError, ExperimentConfig, config_from_run_config, from_dict,
-                                load_config)
+                                load_config, load_yaml)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIELDS = [f.name for f in dataclasses.fields(ExperimentConfig) if f.name != "config_path"]
@@ -262,8 +262,39 @@ def test_configs_folder_has_yamls():
 
 @pytest.mark.parametrize("path", YAMLS, ids=[str(p.relative_to(REPO_ROOT)) for p in YAMLS])
 def test_every_shipped_yaml_loads_and_validates(path):
-    raw = yaml.safe_load(path.read_text()) or {}
+    merged = load_yaml(path)  # with its `base:` chain resolved
+    assert "base" not in merged
+    own = yaml.safe_load(path.read_text()) or {}
+    for key, value in own.items():  # the file's own keys win over its base
+        if key != "base":
+            assert merged[key] == value, key
     cfg = load_config(path)
-    for key, value in raw.items():
+    for key, value in merged.items():
         got = getattr(cfg, key)
         assert got == value or (isinstance(got, float) and got == float(value)), key
+
+
+def test_yaml_base_inheritance(tmp_path):
+    (tmp_path / "parent.yaml").write_text("num_rounds: 5\nlr: 0.2\nseed: 3\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "child.yaml").write_text("base: ../parent.yaml\nlr: 0.5\n")  # relative to the child
+    (tmp_path / "grandchild.yaml").write_text("base: sub/child.yaml\nseed: 9\n")
+    cfg = load_config(tmp_path / "grandchild.yaml")
+    assert (cfg.num_rounds, cfg.lr, cfg.seed) == (5, 0.5, 9)
+    assert cfg.config_path == str(tmp_path / "grandchild.yaml")
+
+
+def test_yaml_base_cycle_and_missing_base_are_errors(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="itself"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="nowhere.yaml"):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_invalid_yaml_syntax_is_a_config_error(tmp_path):
+    (tmp_path / "broken.yaml").write_text("num_rounds: [1, 2\n")
+    with pytest.raises(ConfigError, match="broken.yaml"):
+        load_config(tmp_path / "broken.yaml")

@@ -19,4 +19,16 @@ def get_algorithm(name: str) -> Algorithm:
         from .fedprox import FedProx
 
         return FedProx()
+    if name == "fedper":
+        from .fedper import FedPer
+
+        return FedPer()
+    if name == "pfedmoe":
+        from .pfedmoe import PFedMoE
+
+        return PFedMoE()
+    if name == "fedmoe_da":
+        from .fedmoe_da import FedMoEDA
+
+        return FedMoEDA()
     raise NotImplementedError(f"algorithm '{name}' is not implemented yet")

@@ -1,0 +1,67 @@
+"""Run one experiment in Flower's Ray simulation from Python, without a SuperLink:
+
+    python -m fedcoe_flwr.simulate --config configs/smoke.yaml --set algorithm=fedavg num_rounds=3
+
+Same ServerApp logic (``run_server``) and the same ClientApp as ``flwr run .``; the
+number of simulated SuperNodes is taken from the config. The comparison runner
+calls this once per (method, seed) in a fresh process."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+import yaml
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """key=value pairs; values parsed as YAML scalars (5 -> int, 0.1 -> float, true -> bool)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"--set expects key=value, got '{item}'")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value) if value != "" else ""
+    return out
+
+
+def simulate(run_config: dict[str, Any], num_cpus_per_client: float = 1.0, num_gpus_per_client: float = 0.0
+             ) -> dict[str, Any]:
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    from client_app.app import app as client_app
+
+    from .config import config_from_run_config
+    from .server import project_dir, run_server
+
+    cfg = config_from_run_config(run_config, str(project_dir()))  # validated before Ray starts
+    result: dict[str, Any] = {}
+    server = ServerApp()
+
+    @server.main()
+    def main(grid, context):  # noqa: ANN001
+        result.update(run_server(grid, run_config))
+
+    backend = {"client_resources": {"num_cpus": num_cpus_per_client, "num_gpus": num_gpus_per_client}}
+    run_simulation(server, client_app, num_supernodes=cfg.num_partitions, backend_config=backend)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML in configs/")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+    parser.add_argument("--num-cpus-per-client", type=float, default=1.0)
+    parser.add_argument("--num-gpus-per-client", type=float, default=0.0)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    run_config = {"config": args.config, **parse_overrides(args.set)}
+    result = simulate(run_config, args.num_cpus_per_client, args.num_gpus_per_client)
+    return 0 if result else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""End to end as a user runs it: `flwr run .` with the smoke config on a managed local
+SuperLink (Ray simulation). The test stops the SuperLink and everything it started."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LOCAL_SUPERLINK_PORT = 39091
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="ignore"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, stack = [], [root]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            out.append(child)
+            stack.append(child)
+    return out
+
+
+def stop_tree(marker: str) -> None:
+    """Kill the SuperLink whose command line holds ``marker`` and all it started."""
+    for pid in processes_mentioning(marker):
+        for p in [pid] + descendants(pid):
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.mark.slow
+def test_flwr_run_smoke_end_to_end(tmp_path):
+    if port_in_use(LOCAL_SUPERLINK_PORT):
+        pytest.skip(f"a local SuperLink already listens on 127.0.0.1:{LOCAL_SUPERLINK_PORT} (started outside "
+                    "this test); `flwr run` would reuse it. Stop it (pkill -f flower-superlink) to run this test.")
+    flwr_home = tmp_path / "flwr-home"
+    env = {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0",
+           "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "FEDCOE_PROJECT_DIR": str(ROOT)}
+    run_config = (f"config='configs/smoke.yaml' results_dir='{tmp_path / 'results'}' "
+                  f"cache_dir='{tmp_path / 'cache'}' run_name='e2e'")
+    cmd = ["flwr", "run", ".", "--run-config", run_config, "--federation-config", "num-supernodes=5", "--stream"]
+    started = time.time()
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
+    finally:
+        stop_tree(str(flwr_home))
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    out = tmp_path / "results" / "e2e"
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [l["round"] for l in lines] == [1, 2], log[-3000:]
+    for key in ("global_accuracy", "personalized_accuracy", "coldstart_accuracy"):
+        assert all(isinstance(l[key], float) for l in lines), key
+    assert json.loads((out / "summary.json").read_text())["status"] == "finished"
+    assert "[ROUND 2/2]" in log and "personalised=" in log  # progress and metrics in Flower's log
+    assert not port_in_use(LOCAL_SUPERLINK_PORT), "the test must stop the SuperLink it started"
+    print(f"flwr run smoke: {time.time() - started:.1f}s")
