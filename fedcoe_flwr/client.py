@@ -14,7 +14,7 @@ from flwr.app import Context, Message, RecordDict
 from .algorithms import get_algorithm
 from .algorithms.common import accuracy
 from .config import ExperimentConfig
-from .data import is_coldstart, load_client_data, load_dataset, load_global_test
+from .data import federation_classes, is_coldstart, load_client_data, load_global_test
 from .models import pick_device
 from .records import (ARRAYS, CONFIG, EXPERIMENT, METRICS, config_record, experiment_from_record,
                       from_array_record, metric_record, to_array_record)
@@ -89,7 +89,7 @@ def handle_train(msg: Message, context: Context) -> Message:
         raise ValueError(f"partition {pid} is a cold-start client and must never train")
     algo = get_algorithm(cfg.algorithm)
     data = load_client_data(cfg, pid)
-    num_classes = load_dataset(cfg).num_classes
+    num_classes = len(federation_classes(cfg))
     started = time.perf_counter()
     upload, private, metrics = algo.client_train(
         arrays, config, _private(context), data, cfg, num_classes, pick_device(cfg.device),
@@ -107,7 +107,7 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     pid, _ = partition_of(context)
     algo = get_algorithm(cfg.algorithm)
     data = load_client_data(cfg, pid)
-    num_classes = load_dataset(cfg).num_classes
+    num_classes = len(federation_classes(cfg))
     device = pick_device(cfg.device)
     private = _private(context)
     predict = algo.client_predict(arrays, config, private, cfg, num_classes, device)
@@ -126,7 +126,7 @@ def handle_coldstart(msg: Message, context: Context) -> Message:
     pid, _ = partition_of(context)
     algo = get_algorithm(cfg.algorithm)
     data = load_client_data(cfg, pid)
-    num_classes = load_dataset(cfg).num_classes
+    num_classes = len(federation_classes(cfg))
     metrics = algo.client_coldstart(arrays, config, data, cfg, num_classes, pick_device(cfg.device))
     metrics.setdefault("num_test", int(len(data.test_y)))
     return _reply(msg, None, metrics)

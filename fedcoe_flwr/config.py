@@ -51,6 +51,7 @@ class ExperimentConfig:
     data_root: str = ""  # image folder / .tar.gz / torchvision root; "" -> ./data
     download: bool = True  # torchvision download when data_root has no copy
     cache_dir: str = ".cache/fedcoe_flwr"
+    class_names: str = ""  # comma-separated label space; "" -> the data set's own classes
     num_clients: int = 20  # N training clients
     num_coldstart_clients: int = 5  # M cold-start clients (never train)
     partition: str = "dirichlet"

@@ -227,6 +227,14 @@ def load_dataset(cfg: ExperimentConfig) -> ImageData:
     return _load_dataset_cached(tuple((k, getattr(cfg, k)) for k in DATA_KEYS))
 
 
+def federation_classes(cfg: ExperimentConfig) -> list[str]:
+    """The federation's label space: ``class_names`` from the config when given (sites
+    with their own data map their folders onto it), else the data set's classes."""
+    if cfg.class_names:
+        return [c.strip() for c in cfg.class_names.split(",") if c.strip()]
+    return load_dataset(cfg).class_names
+
+
 # --------------------------------------------------------------------------- partitions
 def _partitioner(cfg: ExperimentConfig):
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner

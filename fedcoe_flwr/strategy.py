@@ -18,7 +18,7 @@ from flwr.serverapp.strategy import Strategy
 from .algorithms import get_algorithm
 from .algorithms.common import Reply, ServerState, accuracy
 from .config import ExperimentConfig
-from .data import load_dataset, load_global_test
+from .data import federation_classes, load_global_test
 from .models import pick_device
 from .records import (ARRAYS, CONFIG, EXPERIMENT, METRICS, array_bytes, config_record,
                       experiment_record, from_array_record, to_array_record)
@@ -83,7 +83,7 @@ class MoEStrategy(Strategy):
         self.algorithm = get_algorithm(cfg.algorithm)
         self.results = results
         self.device = pick_device(cfg.device)
-        self.num_classes = load_dataset(cfg).num_classes
+        self.num_classes = len(federation_classes(cfg))
         self.state: ServerState = self.algorithm.init_state(cfg, self.num_classes)
         self.rng = np.random.default_rng(cfg.seed)
         self.round = 0

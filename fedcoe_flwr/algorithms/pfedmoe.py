@@ -305,7 +305,7 @@ class PFedMoE(Algorithm):
             count += x.shape[0]
             return F.cross_entropy(model.head(r), y)
 
-        loss = run_local_epochs(list(model.head.parameters()), [model], data, cfg, device, seed, loss_fn)
+        loss = run_local_epochs(list(model.parameters()), [model], data, cfg, device, seed, loss_fn)
         return model.shared_state(), model.private_state(), {
             "num_samples": data.num_train, "train_loss": loss, "gate_global_mean": gate_sum / max(count, 1)}
 
