@@ -44,7 +44,10 @@ class ExperimentConfig:
     round_timeout: float = 3600.0  # seconds to wait for replies in one round
     wait_for_nodes: float = 0.0  # seconds to wait for all SuperNodes to connect (deployment)
     max_update_norm_ratio: float = 100.0  # reject ||update|| > ratio * (||global|| + 1); 0 = off
-    resume: bool = False
+    robust_aggregation: str = "mean"  # mean | median | trimmed_mean (experts / FedAvg model)
+    trim_fraction: float = 0.1  # share trimmed at each end by trimmed_mean
+    resume: bool = False  # continue from the last checkpoint of this run name
+    resume_from: str = ""  # or from this checkpoint file
     keep_checkpoints: int = 3
     # ---- data ------------------------------------------------------------
     dataset: str = "cifar10"
@@ -139,6 +142,7 @@ CHOICES = {
     "norm": NORMS,
     "local_part": LOCAL_PARTS,
     "device": DEVICES,
+    "robust_aggregation": ("mean", "median", "trimmed_mean"),
 }
 
 
@@ -203,6 +207,8 @@ def _check(cfg: ExperimentConfig) -> None:
             bad(key, "must be in (0, 1]")
     if not 0 < cfg.test_fraction < 1:
         bad("test_fraction", "must be in (0, 1)")
+    if not 0 <= cfg.trim_fraction < 0.5:
+        bad("trim_fraction", "must be in [0, 0.5)")
     if not 0 <= cfg.correlation_smoothing <= 1:
         bad("correlation_smoothing", "must be in [0, 1]")
     if not 0 < cfg.correlation_cap <= 1:

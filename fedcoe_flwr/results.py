@@ -36,7 +36,7 @@ class ResultsWriter:
         self.cfg = cfg
         self.previous_run: Path | None = None
         self.dir = (Path(base_dir) / cfg.results_dir / cfg.resolved_run_name).resolve()
-        if not cfg.resume and self.dir.exists() and any(self.dir.iterdir()):
+        if not (cfg.resume or cfg.resume_from) and self.dir.exists() and any(self.dir.iterdir()):
             # a fresh run never overwrites an earlier one: that one is kept beside it
             kept = self.dir.with_name(f"{self.dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
             self.dir.rename(kept)

@@ -5,6 +5,7 @@ and checkpoints. Algorithm logic lives in ``fedcoe_flwr.algorithms``."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from logging import ERROR, INFO, WARNING
 from typing import Any, Iterable, Mapping
 
@@ -207,6 +208,7 @@ class MoEStrategy(Strategy):
                 rejected[client] = reason
                 continue
             valid.append(Reply(client, int(metrics["num_samples"]), arrays, metrics))
+        valid.sort(key=lambda r: r.client_index)  # aggregation order must not depend on arrival
         failed = sorted(set(self._sent) - answered)
         for client in failed:
             log(WARNING, "[round %d] client %d (node %d) failed or timed out; left out", server_round,
@@ -331,8 +333,10 @@ class MoEStrategy(Strategy):
               timeout: float | None = None, train_config: ConfigRecord | None = None,
               evaluate_config: ConfigRecord | None = None, evaluate_fn: Any = None) -> dict[str, Any]:
         self.summary()
-        if self.cfg.resume:
-            ckpt = self.results.latest_checkpoint()
+        if self.cfg.resume or self.cfg.resume_from:
+            ckpt = Path(self.cfg.resume_from) if self.cfg.resume_from else self.results.latest_checkpoint()
+            if ckpt is not None and not ckpt.is_file():
+                raise FederationError(f"resume_from='{ckpt}' does not exist")
             if ckpt is None:
                 log(WARNING, "[fedcoe] resume=true but no checkpoint in %s; starting at round 1",
                     self.results.checkpoint_dir)

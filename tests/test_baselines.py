@@ -286,6 +286,12 @@ def test_aggregation_matrix_rows_are_sparse_softmaxes_over_the_most_similar():
         # a_ij proportional to exp(r_ij / tau) inside S_i
         js = sorted(chosen)
         np.testing.assert_allclose(a[i, js] / a[i, js].sum(), np.exp(r[i, js]) / np.exp(r[i, js]).sum())
+    # identical proxies: every expert keeps itself, ties go to the lower index
+    same = np.array([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0], [1.0, -1.0]])
+    a_same = da.dense_matrix(*da.aggregation_rows(same, top_p=1, tau=1.0), 4)
+    assert (np.diag(a_same) > 0).all() and ((a_same > 0).sum(1) == 2).all()
+    assert set(np.flatnonzero(a_same[2])) == {0, 2} and set(np.flatnonzero(a_same[0])) == {0, 1}
+    np.testing.assert_allclose(a_same[2, [0, 2]], [0.5, 0.5])
     # fewer experts than P + 1: S_i is all of them
     a_small = da.dense_matrix(*da.aggregation_rows(proxies[:3], top_p=5, tau=1.0), 3)
     assert ((a_small > 0).sum(1) == 3).all()

@@ -122,16 +122,27 @@ def unprefixed(prefix: str, arrays: Mapping[str, torch.Tensor]) -> Arrays:
     return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
 
 
-def weighted_average(states: list[Mapping[str, torch.Tensor]], weights: Iterable[float]) -> Arrays:
-    """sum_i w_i * state_i / sum_i w_i, key by key; integer tensors are rounded back."""
+def weighted_average(states: list[Mapping[str, torch.Tensor]], weights: Iterable[float],
+                     method: str = "mean", trim_fraction: float = 0.1) -> Arrays:
+    """Key by key: ``mean`` = sum_i w_i state_i / sum_i w_i; the robust options ignore
+    the weights and take the coordinate-wise ``median`` or the ``trimmed_mean``
+    (drop the floor(trim_fraction * n) largest and smallest values of each coordinate).
+    Integer tensors are rounded back."""
     w = torch.tensor(list(weights), dtype=torch.float64)
     if len(states) == 0 or not w.sum() > 0:
         raise ValueError("weighted_average needs at least one state with positive weight")
     w = w / w.sum()
+    trim = int(trim_fraction * len(states))
     out: Arrays = {}
     for key, ref in states[0].items():
         stacked = torch.stack([s[key].to(torch.float64) for s in states])
-        avg = torch.tensordot(w, stacked, dims=1)
+        if method == "median":
+            avg = stacked.median(dim=0).values if len(states) % 2 else stacked.sort(dim=0).values[
+                len(states) // 2 - 1:len(states) // 2 + 1].mean(0)
+        elif method == "trimmed_mean" and trim > 0:
+            avg = stacked.sort(dim=0).values[trim:len(states) - trim].mean(0)
+        else:
+            avg = torch.tensordot(w, stacked, dims=1)
         out[key] = avg.round().to(ref.dtype) if not ref.is_floating_point() else avg.to(ref.dtype)
     return out
 

@@ -56,7 +56,8 @@ class FedAvg(Algorithm):
         return dict(state.arrays), {}
 
     def aggregate(self, state: ServerState, replies: list[Reply], cfg, server_round):
-        averaged = weighted_average([r.arrays for r in replies], [r.num_samples for r in replies])
+        averaged = weighted_average([r.arrays for r in replies], [r.num_samples for r in replies],
+                                    cfg.robust_aggregation, cfg.trim_fraction)
         return ServerState(averaged, state.extra), {}
 
     def global_predict(self, state, cfg, num_classes, device):

@@ -77,10 +77,10 @@ def expert_weights(num_samples: np.ndarray, correlations: np.ndarray, k: int, cf
 
 
 def aggregate_expert(states: list[Mapping[str, torch.Tensor]], shares: np.ndarray,
-                     num_samples: np.ndarray) -> Arrays:
-    """Parameters by the correlation shares; BatchNorm statistics by plain sample
-    weights (never by correlation weights)."""
-    params = weighted_average(states, shares)
+                     num_samples: np.ndarray, method: str = "mean", trim_fraction: float = 0.1) -> Arrays:
+    """Parameters by the correlation shares (or a robust rule); BatchNorm statistics by
+    plain sample weights (never by correlation weights)."""
+    params = weighted_average(states, shares, method, trim_fraction)
     bn_keys = [key for key in states[0] if key.endswith(BN_BUFFER_SUFFIXES)]
     if bn_keys:
         bn = weighted_average([{k: s[k] for k in bn_keys} for s in states], num_samples)
@@ -104,7 +104,7 @@ def aggregate_pool(pool: list[Arrays], contributions: list[tuple[dict[int, Array
         rows = np.stack([u[1] for u in users])
         n = np.array([u[2] for u in users], dtype=np.float64)
         shares = expert_weights(n, rows, k, cfg)
-        new_pool.append(aggregate_expert(states, shares, n))
+        new_pool.append(aggregate_expert(states, shares, n, cfg.robust_aggregation, cfg.trim_fraction))
         max_share.append(float(shares.max()))
     return new_pool, max_share
 

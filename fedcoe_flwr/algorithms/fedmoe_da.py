@@ -211,7 +211,7 @@ def aggregation_rows(proxies: np.ndarray, top_p: int, tau: float) -> tuple[np.nd
         rows = np.arange(start, min(start + SIMILARITY_BLOCK, m))
         r = unit[rows] @ unit.T
         r[np.arange(len(rows)), rows] = 1.0  # a proxy's similarity with itself
-        key = -r.copy()
+        key = -np.round(r, 12)  # equal up to rounding noise counts as a tie
         key[np.arange(len(rows)), rows] = -np.inf  # itself first, whatever the ties
         top = np.argsort(key, axis=1, kind="stable")[:, :s]
         sims = np.take_along_axis(r, top, axis=1) / tau

@@ -1,0 +1,262 @@
+"""Reliability: poisoned updates rejected, failing clients left out, kill-and-resume
+identical to an uninterrupted run, robust aggregation, invalid configs named.
+Select with -k reject / nan / resume / invalid."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.supercore.task_identity import TaskIdentity
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedcoe_flwr import client
+from fedcoe_flwr.algorithms.common import weighted_average
+from fedcoe_flwr.config import ConfigError, ExperimentConfig, load_config
+from fedcoe_flwr.records import ARRAYS, METRICS, metric_record, to_array_record
+from fedcoe_flwr.results import ResultsWriter
+from fedcoe_flwr.strategy import FederationError, MoEStrategy
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_cfg(tmp_path: Path, **kw) -> ExperimentConfig:
+    base = dict(dataset="synthetic", synthetic_train_size=300, synthetic_test_size=60, image_size=16,
+                num_clients=4, num_coldstart_clients=1, partition="iid", model="cnn", width_multiplier=0.25,
+                num_experts=3, gate_width=4, local_epochs=1, batch_size=16, results_dir=str(tmp_path),
+                cache_dir=str(tmp_path / "cache"), run_name="rel")
+    base.update(kw)
+    return ExperimentConfig(**base)
+
+
+def make_strategy(cfg: ExperimentConfig) -> MoEStrategy:
+    strategy = MoEStrategy(cfg, ResultsWriter(cfg))
+    strategy.node_of = {c: 100 + c for c in range(cfg.num_partitions)}
+    return strategy
+
+
+def fake_replies(strategy: MoEStrategy, server_round: int, poison: dict[int, str] | None = None) -> list[Message]:
+    """Messages as the ClientApp would send them, from the real client update."""
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+    msgs = list(strategy.configure_train(server_round, None, None, None))
+    replies = []
+    for msg in msgs:
+        c = msg.metadata.dst_node_id - 100
+        node, payload, pconfig = strategy._sent[c]
+        arrays = {k: v.clone() for k, v in payload.items()}
+        if "correlation" in strategy.algorithm.expected_upload(payload, pconfig, strategy.cfg):
+            arrays["correlation"] = torch.full((strategy.cfg.num_experts,), 1.0 / strategy.cfg.num_experts)
+        first = next(k for k, v in arrays.items() if v.is_floating_point() and v.numel() > 1)
+        arrays[first] = arrays[first] + 0.01 * (c + 1)  # a genuine, client-specific update
+        metrics = {"num_samples": 10 + c, "train_loss": 1.0}
+        kind = (poison or {}).get(c)
+        if kind == "nan":
+            arrays[first][0] = float("nan")
+        elif kind == "inf":
+            arrays[first][0] = float("inf")
+        elif kind == "shape":
+            arrays[first] = arrays[first][:1]
+        elif kind == "norm":
+            arrays[first] = arrays[first] * 1e6
+        elif kind == "samples":
+            metrics["num_samples"] = 0
+        TaskIdentity.node_id = node
+        replies.append(Message(content=RecordDict({ARRAYS: to_array_record(arrays), METRICS: metric_record(metrics)}),
+                               reply_to=msg))
+    return replies
+
+
+@pytest.mark.parametrize("algorithm", ["fedcoe", "fedavg"])
+@pytest.mark.parametrize("kind", ["nan", "inf", "shape", "norm", "samples"])
+def test_reject_poisoned_update_nan_inf_shape_norm(tmp_path, algorithm, kind):
+    """A bad reply is rejected and logged; the aggregate equals the one without it."""
+    cfg = tiny_cfg(tmp_path, algorithm=algorithm)
+    clean, poisoned = make_strategy(cfg), make_strategy(cfg.replace(run_name="rel2"))
+    clean_replies = fake_replies(clean, 1)
+    poisoned_replies = fake_replies(poisoned, 1, poison={2: kind})
+    # the clean run simply never hears from client 2
+    clean.aggregate_train(1, [r for r in clean_replies if r.metadata.src_node_id != 102])
+    poisoned.aggregate_train(1, poisoned_replies)
+    assert poisoned.round_log[-1]["rejected"] == [2]
+    assert poisoned.round_log[-1]["replies"] == cfg.num_clients - 1
+    for key, value in clean.state.arrays.items():
+        assert torch.equal(value, poisoned.state.arrays[key]), key
+
+
+def test_reject_too_many_bad_replies_stops_with_clear_error(tmp_path):
+    cfg = tiny_cfg(tmp_path, algorithm="fedavg", min_reply_fraction=0.75)
+    strategy = make_strategy(cfg)
+    before = {k: v.clone() for k, v in strategy.state.arrays.items()}
+    with pytest.raises(FederationError, match="min_reply_fraction"):
+        strategy.aggregate_train(1, fake_replies(strategy, 1, poison={0: "nan", 1: "shape"}))
+    assert all(torch.equal(before[k], v) for k, v in strategy.state.arrays.items())  # nothing half-applied
+
+
+def test_resume_restores_state_tensors_exactly(tmp_path):
+    cfg = tiny_cfg(tmp_path, algorithm="fedcoe")
+    strategy = make_strategy(cfg)
+    strategy.aggregate_train(1, fake_replies(strategy, 1))
+    strategy.round = 1
+    path = strategy.results.save_checkpoint(strategy.checkpoint_payload(), 1)
+    resumed = make_strategy(cfg.replace(resume=True))
+    resumed.restore(torch.load(path, weights_only=False))
+    assert resumed.round == 1
+    assert set(resumed.state.arrays) == set(strategy.state.arrays)
+    for key, value in strategy.state.arrays.items():
+        assert torch.equal(value, resumed.state.arrays[key]), key
+    np.testing.assert_array_equal(resumed.state.extra["correlation"], strategy.state.extra["correlation"])
+    assert resumed.rng.random() == strategy.rng.random()  # client sampling continues identically
+    assert resumed.comm == strategy.comm
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
+    cfg = tiny_cfg(tmp_path, algorithm="fedcoe")
+    strategy = make_strategy(cfg)
+    payload = strategy.checkpoint_payload()
+    with pytest.raises(FederationError, match="num_experts"):
+        make_strategy(cfg.replace(num_experts=4, resume=True)).restore(payload)
+
+
+# ------------------------------------------------------------------ real simulations
+def simulate(tmp_path: Path, client_app=None, **overrides) -> Path:
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    from client_app.app import app as default_client_app
+    from fedcoe_flwr.server import run_server
+
+    run_config = {"config": str(ROOT / "configs" / "smoke.yaml"), "results_dir": str(tmp_path),
+                  "cache_dir": str(tmp_path / "cache"), "run_name": "sim", **overrides}
+    server = ServerApp()
+
+    @server.main()
+    def main(grid, context):
+        run_server(grid, run_config)
+
+    run_simulation(server, client_app or default_client_app, num_supernodes=5,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    return tmp_path / "sim"
+
+
+@pytest.mark.slow
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
+    """FedAvg has no client-private state, so a run killed after round 2 and resumed
+    must end with exactly the state of a run that was never interrupted."""
+    common = dict(algorithm="fedavg", num_rounds=3, eval_every=3)
+    full = simulate(tmp_path / "full", **common)
+    # "killed" after round 2: a run that stopped there, then the same run resumed
+    simulate(tmp_path / "resumed", **{**common, "num_rounds": 2})
+    resumed = simulate(tmp_path / "resumed", **{**common, "resume": True})
+    a = torch.load(full / "final_state.pt", weights_only=False)
+    b = torch.load(resumed / "final_state.pt", weights_only=False)
+    assert a["round"] == b["round"] == 3
+    for key, value in a["arrays"].items():
+        assert torch.allclose(value.float(), b["arrays"][key].float(), atol=1e-6), key
+    rounds = [json.loads(l)["round"] for l in (resumed / "rounds.jsonl").read_text().splitlines()]
+    assert rounds == [1, 2, 3]  # no round repeated or skipped
+
+
+def failing_client_app(kind: str) -> ClientApp:
+    """The real ClientApp, except that partition 1 misbehaves in round 2."""
+    app = ClientApp()
+
+    @app.query("profile")
+    def profile(msg, context):
+        return client.handle_profile(msg, context)
+
+    @app.train()
+    def train(msg, context):
+        reply = client.handle_train(msg, context)
+        if int(context.node_config["partition-id"]) == 1 and msg.content["config"]["server_round"] == 2:
+            if kind == "raise":
+                raise RuntimeError("injected failure")
+            arrays = reply.content.array_records[ARRAYS]
+            key = next(iter(arrays))
+            t = arrays[key].numpy().copy()
+            t.flat[0] = np.nan
+            from flwr.app import Array
+            arrays[key] = Array(t)
+        return reply
+
+    @app.evaluate()
+    def evaluate(msg, context):
+        return client.handle_evaluate(msg, context)
+
+    @app.evaluate("coldstart")
+    def coldstart(msg, context):
+        return client.handle_coldstart(msg, context)
+
+    return app
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["raise", "nan"])
+def test_reject_failing_or_nan_client_round_still_completes(tmp_path, kind):
+    out = simulate(tmp_path, client_app=failing_client_app(kind))
+    rounds = [json.loads(l) for l in (out / "rounds.jsonl").read_text().splitlines()]
+    assert rounds[0]["replies"] == 4 and rounds[0]["failed"] == [] and rounds[0]["rejected"] == []
+    if kind == "raise":
+        assert rounds[1]["failed"] == [1]
+    else:
+        assert rounds[1]["rejected"] == [1]
+    assert rounds[1]["replies"] == 3
+    assert json.loads((out / "summary.json").read_text())["status"] == "finished"
+    state = torch.load(out / "final_state.pt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in state["arrays"].values() if v.is_floating_point())
+
+
+# ------------------------------------------------------------------ robust aggregation
+def test_robust_median_and_trimmed_mean_ignore_an_outlier():
+    states = [{"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([1.2, 2.2])},
+              {"w": torch.tensor([0.8, 1.8])}, {"w": torch.tensor([1e6, -1e6])}, {"w": torch.tensor([1.0, 2.0])}]
+    median = weighted_average(states, [1] * 5, "median")["w"]
+    trimmed = weighted_average(states, [1] * 5, "trimmed_mean", 0.2)["w"]
+    assert torch.allclose(median, torch.tensor([1.0, 2.0]))
+    assert torch.allclose(trimmed, torch.tensor([(1.0 + 1.2 + 1.0) / 3, (2.0 + 2.0 + 1.8) / 3]))
+    assert weighted_average(states, [1] * 5)["w"][0] > 1e5  # the plain mean is not robust
+
+
+@settings(max_examples=40, deadline=None)
+@given(weights=st.lists(st.floats(0.1, 100), min_size=1, max_size=6), seed=st.integers(0, 1000))
+def test_aggregation_properties_identical_updates_and_permutation(weights, seed):
+    gen = torch.Generator().manual_seed(seed)
+    base = {"w": torch.randn(4, generator=gen), "n": torch.tensor(3)}
+    # identical updates leave the model unchanged, whatever the weights
+    same = weighted_average([base] * len(weights), weights)
+    assert torch.allclose(same["w"], base["w"], atol=1e-6) and same["n"] == 3
+    states = [{"w": torch.randn(4, generator=gen), "n": torch.tensor(i)} for i in range(len(weights))]
+    order = np.random.default_rng(seed).permutation(len(weights))
+    a = weighted_average(states, weights)
+    b = weighted_average([states[i] for i in order], [weights[i] for i in order])
+    assert torch.allclose(a["w"], b["w"], atol=1e-6)
+    for method in ("median", "trimmed_mean"):
+        m1 = weighted_average(states, weights, method, 0.2)["w"]
+        m2 = weighted_average([states[i] for i in order], [weights[i] for i in order], method, 0.2)["w"]
+        assert torch.allclose(m1, m2, atol=1e-6)
+
+
+# ------------------------------------------------------------------ invalid input
+def test_invalid_yaml_is_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("num_rounds: [1, 2\nalgorithm: fedcoe\n")
+    with pytest.raises(ConfigError, match="bad.yaml.*not valid YAML"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize("text, match", [
+    ("num_roundz: 3\n", "unknown config key.*num_roundz"),
+    ("num_rounds: three\n", "'num_rounds' must be a int.*three"),
+    ("algorithm: fedsgd\n", "'algorithm' = 'fedsgd'"),
+    ("robust_aggregation: mode\n", "'robust_aggregation' = 'mode'"),
+    ("num_experts: 0\n", "'num_experts' = 0"),
+    ("- a\n- b\n", "mapping"),
+])
+def test_invalid_config_values_are_named(tmp_path, text, match):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_config(path)
