@@ -151,6 +151,26 @@ def test_imagefolder_dataset_is_decoded_once_and_cached(make_cfg, tmp_path, fres
     np.testing.assert_array_equal(second.test_y, first.test_y)
 
 
+def test_site_labels_follow_the_federation_class_names(make_cfg, tmp_path, fresh_caches):
+    """A site holding only some classes must label them in the federation's label space
+    (config ``class_names``), not by its own folders' order."""
+    root = make_image_folder(tmp_path / "site", {"train": {"bee": 3, "cat": 2}, "test": {"cat": 1, "bee": 1}})
+    cfg = make_cfg(dataset="imagefolder", data_root=str(root), image_size=8, class_names="ant,bee,cat")
+    d = load_dataset(cfg)
+    assert d.class_names == ["ant", "bee", "cat"] and d.num_classes == 3
+    assert sorted(d.train_y.tolist()) == [1, 1, 1, 2, 2]
+    np.testing.assert_array_equal(colour_label(d.train_x, ["ant", "bee", "cat"]), d.train_y)
+    assert data_mod.federation_classes(cfg) == d.class_names
+    # the same folder without class_names: its own classes (a separate cache entry)
+    own = load_dataset(cfg.replace(class_names=""))
+    assert own.class_names == ["bee", "cat"] and sorted(own.train_y.tolist()) == [0, 0, 0, 1, 1]
+    fresh_caches()  # and again from the .npz caches on disk: each keeps its own label space
+    assert load_dataset(cfg).class_names == ["ant", "bee", "cat"]
+    assert load_dataset(cfg.replace(class_names="")).class_names == ["bee", "cat"]
+    with pytest.raises(DataError, match="cat"):
+        load_dataset(cfg.replace(class_names="ant,bee"))
+
+
 # ------------------------------------------------------------------ partitions
 def _all_indices(splits):
     return np.concatenate([np.concatenate([tr, te]) for tr, te in splits])
