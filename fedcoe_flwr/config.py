@@ -64,6 +64,7 @@ class ExperimentConfig:
     test_fraction: float = 0.2  # local train/test split of each client
     train_subset: int = 0  # >0: partition only this many training images
     global_test_subset: int = 0  # >0: global test set limited to this many
+    global_test_dir: str = ""  # image folder / .tar.gz with test/<class>/* for global accuracy (deployment)
     synthetic_train_size: int = 2000
     synthetic_test_size: int = 500
     synthetic_num_classes: int = 10
@@ -194,6 +195,8 @@ def _check(cfg: ExperimentConfig) -> None:
                 "max_update_norm_ratio", "wait_for_nodes"):
         if getattr(cfg, key) < 0:
             bad(key, "must be >= 0")
+    if cfg.algorithm in ("fedper", "pfedmoe", "fedmoe_da") and cfg.model != "cnn":
+        bad("model", f"algorithm '{cfg.algorithm}' splits the small CNN as its paper does: use model 'cnn'")
     if cfg.top_m > cfg.num_experts:
         bad("top_m", f"must be <= num_experts ({cfg.num_experts}); 0 means all experts")
     if cfg.inner_top_k > cfg.inner_experts:

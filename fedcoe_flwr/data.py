@@ -96,14 +96,16 @@ def _split_member(path: str) -> tuple[str, str] | None:
 
 
 def _collect(items: Iterator[tuple[str, bytes]], source: str, size: int,
-             class_names: Sequence[str] | None) -> ImageData:
+             class_names: Sequence[str] | None, need_train: bool = True) -> ImageData:
     images: dict[str, list[np.ndarray]] = {"train": [], "test": []}
     labels: dict[str, list[str]] = {"train": [], "test": []}
+    folder_of: dict[str, str] = {}  # class -> the first folder it was found in (for errors)
     for name, blob in items:
         split, cls = _split_member(name)  # type: ignore[misc]
+        folder_of.setdefault(cls, str(Path(name).parent))
         images[split].append(_decode(blob, f"{source}:{name}", size))
         labels[split].append(cls)
-    if not images["train"]:
+    if need_train and not images["train"]:
         raise DataError(f"'{source}' holds no images under train/<class>/ (image-folder layout expected)")
     if not images["test"]:
         raise DataError(f"'{source}' holds no images under test/<class>/ (image-folder layout expected)")
@@ -111,12 +113,17 @@ def _collect(items: Iterator[tuple[str, bytes]], source: str, size: int,
     names = list(class_names) if class_names else found
     unknown = sorted(set(found) - set(names))
     if unknown:
+        folders = ", ".join(f"'{folder_of[c]}'" for c in unknown)
         raise DataError(f"'{source}' has class folder(s) {unknown} the federation does not know "
-                        f"(known: {names})")
+                        f"(found in {folders}; known: {names}, the run config's class_names)")
     index = {n: i for i, n in enumerate(names)}
+
+    def stack(split: str) -> np.ndarray:
+        return np.stack(images[split]) if images[split] else np.zeros((0, size, size, 3), dtype=np.uint8)
+
     return ImageData(
-        np.stack(images["train"]), np.array([index[c] for c in labels["train"]], dtype=np.int64),
-        np.stack(images["test"]), np.array([index[c] for c in labels["test"]], dtype=np.int64),
+        stack("train"), np.array([index[c] for c in labels["train"]], dtype=np.int64),
+        stack("test"), np.array([index[c] for c in labels["test"]], dtype=np.int64),
         names,
     )
 
@@ -147,12 +154,16 @@ def is_image_folder_source(path: Path) -> bool:
 
 
 def read_image_folder(path: str | Path, size: int = 32,
-                      class_names: Sequence[str] | None = None) -> ImageData:
+                      class_names: Sequence[str] | None = None, need_train: bool = True) -> ImageData:
+    """An image folder or archive with ``train/<class>/*`` and ``test/<class>/*``; labels
+    follow ``class_names`` when given (a class folder outside it is an error naming it).
+    ``need_train=False`` accepts a folder with only ``test/`` (a global test set, a
+    cold-start site)."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"data '{path}' does not exist. {MISSING_DATA_HINT}")
     items = _iter_tar(path) if path.is_file() else _iter_folder(path)
-    return _collect(items, str(path), size, class_names)
+    return _collect(items, str(path), size, class_names, need_train)
 
 
 def _torchvision(cfg: ExperimentConfig, root: Path) -> ImageData:
@@ -175,6 +186,8 @@ def _source_key(cfg: ExperimentConfig, path: Path) -> str:
     stat = path.stat() if path.exists() else None
     raw = f"{cfg.dataset}|{path.resolve()}|{stat.st_size if stat else 0}|" \
           f"{stat.st_mtime_ns if stat else 0}|{cfg.image_size}"
+    if cfg.class_names:  # labels depend on the label space (existing cache names stay valid)
+        raw += f"|{cfg.class_names}"
     return hashlib.sha1(raw.encode()).hexdigest()[:16]
 
 
@@ -205,7 +218,8 @@ def _load_dataset_cached(cfg_key: tuple) -> ImageData:
         except Exception as err:  # corrupt cache: rebuild it rather than fail
             log.warning("cache '%s' is unreadable (%s); decoding the source again", cache, err)
     if cfg.dataset == "imagefolder" or is_image_folder_source(root):
-        data = read_image_folder(root, cfg.image_size)
+        names = [c.strip() for c in cfg.class_names.split(",") if c.strip()] or None
+        data = read_image_folder(root, cfg.image_size, names)  # labels in the federation's label space
     elif cfg.dataset in ("cifar10", "cifar100"):
         data = _torchvision(cfg, root)
     else:
@@ -218,7 +232,7 @@ def _load_dataset_cached(cfg_key: tuple) -> ImageData:
     return data
 
 
-DATA_KEYS = ("dataset", "data_root", "download", "cache_dir", "seed", "image_size",
+DATA_KEYS = ("dataset", "data_root", "download", "cache_dir", "seed", "image_size", "class_names",
              "synthetic_train_size", "synthetic_test_size", "synthetic_num_classes")
 
 
@@ -347,12 +361,83 @@ def load_client_data(cfg: ExperimentConfig, partition_id: int) -> ClientData:
     return _client_data_cached(tuple((k, getattr(cfg, k)) for k in PARTITION_KEYS), partition_id)
 
 
-def load_global_test(cfg: ExperimentConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    data = load_dataset(cfg)
+def load_global_test(cfg: ExperimentConfig, source: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """The official test set: from ``source`` or ``cfg.global_test_dir`` when set (an image
+    folder / .tar.gz with ``test/<class>/*``, for a server or site that does not hold the
+    data set), else the data set's own test split."""
+    source = source or cfg.global_test_dir
+    if source:
+        if not cfg.class_names:
+            raise DataError(f"global_test_dir '{source}' needs class_names in the config (the "
+                            "federation's label space, comma-separated) to label its test/<class>/ folders")
+        data = _read_folder_cached(str(Path(os.path.expanduser(source))), cfg.image_size,
+                                   tuple(federation_classes(cfg)), False)
+    else:
+        data = load_dataset(cfg)
     idx = np.arange(len(data.test_y))
     if cfg.global_test_subset and cfg.global_test_subset < len(idx):
         idx = np.sort(np.random.default_rng(cfg.seed + 1).permutation(idx)[: cfg.global_test_subset])
     return to_tensor_images(data.test_x[idx]), torch.from_numpy(data.test_y[idx])
+
+
+# --------------------------------------------------------------------------- site data
+# A deployed SuperNode started with --node-config 'data-dir="/data/site-a"' reads only its
+# own images: train/<class>/* for training, test/<class>/* as its local test split,
+# labelled in the federation's label space (class_names from the run config).
+@lru_cache(maxsize=8)
+def _read_folder_cached(path: str, size: int, class_names: tuple[str, ...], need_train: bool) -> ImageData:
+    return read_image_folder(path, size, class_names, need_train)
+
+
+def _folder_fingerprint(path: Path) -> str:
+    """Changes when any image of the folder/archive is added, removed or rewritten."""
+    h = hashlib.sha1(str(path.resolve()).encode())
+    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(path) if f != path else f.name}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def load_site_images(data_dir: str | os.PathLike, cfg: ExperimentConfig, need_train: bool = True,
+                     cache_dir: str | os.PathLike | None = None) -> ImageData:
+    """A site's own image folder / archive mapped onto the federation's label space.
+    With ``cache_dir`` the decoded arrays are kept as .npz there (a deployed ClientApp is a
+    new process per message, so this saves decoding the images every round)."""
+    path = Path(os.path.expanduser(str(data_dir)))
+    if not path.exists():
+        raise DataError(f"site data folder '{path}' (node config data-dir) does not exist; it must hold "
+                        "train/<class>/* and test/<class>/* images (or be a .tar.gz of that layout)")
+    if not cfg.class_names:
+        raise DataError(f"site data '{path}' needs class_names in the run config: the federation's label "
+                        "space (comma-separated) that every site's class folders are mapped onto")
+    names = tuple(federation_classes(cfg))
+    if cache_dir is None:
+        return _read_folder_cached(str(path), cfg.image_size, names, need_train)
+    key = hashlib.sha1(f"{_folder_fingerprint(path)}|{cfg.image_size}|{','.join(names)}|{need_train}"
+                       .encode()).hexdigest()[:16]
+    cache = Path(cache_dir) / f"site-{key}.npz"
+    if cache.is_file():
+        try:
+            with np.load(cache) as z:
+                return ImageData(z["train_x"], z["train_y"], z["test_x"], z["test_y"],
+                                 [str(c) for c in z["class_names"]])
+        except Exception as err:  # corrupt cache: decode again
+            log.warning("site data cache '%s' is unreadable (%s); decoding the images again", cache, err)
+    data = _read_folder_cached(str(path), cfg.image_size, names, need_train)
+    try:
+        _write_npz_atomic(cache, data)
+    except OSError as err:
+        log.warning("could not write site data cache '%s': %s", cache, err)
+    return data
+
+
+def load_site_data(data_dir: str | os.PathLike, cfg: ExperimentConfig, need_train: bool = True,
+                   cache_dir: str | os.PathLike | None = None) -> ClientData:
+    """A site's local train split (its train/ images) and local test split (its test/ images)."""
+    d = load_site_images(data_dir, cfg, need_train, cache_dir)
+    return ClientData(to_tensor_images(d.train_x), torch.from_numpy(d.train_y),
+                      to_tensor_images(d.test_x), torch.from_numpy(d.test_y))
 
 
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device,

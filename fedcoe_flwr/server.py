@@ -31,12 +31,30 @@ def absolute_paths(cfg: ExperimentConfig, base: Path) -> ExperimentConfig:
             else os.path.expanduser(value)
 
     return cfg.replace(data_root=resolve(cfg.data_root) if cfg.data_root else "",
+                       global_test_dir=resolve(cfg.global_test_dir) if cfg.global_test_dir else "",
                        cache_dir=resolve(cfg.cache_dir), results_dir=resolve(cfg.results_dir))
+
+
+def check_global_test(cfg: ExperimentConfig) -> None:
+    """A server that evaluates the global model must be able to load the global test set:
+    find out now, not after the first round (a deployed server may not hold the data set)."""
+    from .algorithms import get_algorithm
+    from .data import DataError, load_global_test
+
+    if not get_algorithm(cfg.algorithm).has_global_model:
+        return  # the clients evaluate their own models on it (node config global-test-dir)
+    try:
+        load_global_test(cfg)
+    except DataError as err:
+        raise DataError(f"the server computes global accuracy on the global test set but cannot load it: {err}. "
+                        "A server that does not hold the data set needs global_test_dir: an image folder or "
+                        ".tar.gz with test/<class>/* on the SuperLink host (see docs/DEPLOYMENT.md).") from err
 
 
 def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     base = project_dir()
     cfg = absolute_paths(config_from_run_config(run_config, str(base)), base)
+    check_global_test(cfg)
     results = ResultsWriter(cfg)
     log(INFO, "[fedcoe] config %s validated; results go to %s", cfg.config_path or "(defaults)", results.dir)
     if results.previous_run:

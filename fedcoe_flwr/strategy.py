@@ -97,6 +97,7 @@ class MoEStrategy(Strategy):
         self._sent: dict[int, tuple[int, dict[str, torch.Tensor], dict[str, Any]]] = {}
         self._global_test: tuple[torch.Tensor, torch.Tensor] | None = None
         self._last_eval: dict[str, Any] = {}
+        self._train_bytes_down = 0
 
     # ------------------------------------------------------------ checkpoints
     def checkpoint_payload(self) -> dict[str, Any]:
@@ -126,7 +127,9 @@ class MoEStrategy(Strategy):
         while len(node_ids) < want and time.time() < deadline:
             time.sleep(1.0)
             node_ids = list(grid.get_node_ids())
-        msgs = [Message(content=RecordDict(), dst_node_id=n, message_type="query.profile") for n in node_ids]
+        # the experiment config lets a site (node config data-dir/site-id) find its client index
+        msgs = [Message(content=RecordDict({EXPERIMENT: experiment_record(self.cfg)}), dst_node_id=n,
+                        message_type="query.profile") for n in node_ids]
         seen: dict[int, int] = {}
         for reply in grid.send_and_receive(msgs, timeout=self.cfg.round_timeout):
             if reply.has_error():
@@ -173,11 +176,13 @@ class MoEStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self._sent = {}
+        self._train_bytes_down = 0
         msgs = []
         for client in self.sample_clients():
             payload, pconfig = self.algorithm.train_payload(self.state, self.cfg, client, server_round)
             pconfig = {**pconfig, "server_round": server_round}
             self._sent[client] = (self.node_of[client], payload, pconfig)
+            self._train_bytes_down += array_bytes(payload, relayed=False)
             msgs.append(self._message(client, "train", payload, pconfig))
         return msgs
 
@@ -227,6 +232,7 @@ class MoEStrategy(Strategy):
         loss = float(np.dot(n, [r.metrics.get("train_loss", np.nan) for r in valid]) / n.sum())
         record = {"round": server_round, "train_loss": loss, "clients": len(self._sent),
                   "replies": len(valid), "failed": failed, "rejected": sorted(rejected),
+                  "train_bytes_down": self._train_bytes_down,
                   "bytes_down_total": self.comm["bytes_down"], "bytes_up_total": self.comm["bytes_up"],
                   **diagnostics}
         self.round_log.append(record)
@@ -343,9 +349,9 @@ class MoEStrategy(Strategy):
             else:
                 self.restore(torch.load(ckpt, weights_only=False))
                 log(INFO, "[fedcoe] resumed from %s (round %d done)", ckpt, self.round)
-        self.discover(grid)
         status = "running"
         try:
+            self.discover(grid)
             for server_round in range(self.round + 1, self.cfg.num_rounds + 1):
                 t0 = time.time()
                 log(INFO, "")

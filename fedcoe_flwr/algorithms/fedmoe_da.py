@@ -7,7 +7,8 @@ the CNN (conv2 + fc1 + classifier). Each sample is routed to its top-1 expert.
 
 Round t (Algorithm 1):
 1. every client trains Theta_i, Pi_i and its K experts for E local epochs;
-2. uploads Theta_i; the server averages them plainly, 1/N sum_i Theta_i (Eq. 5);
+2. uploads Theta_i; the server averages them plainly, 1/N sum_i Theta_i (Eq. 5; the
+   ``robust_aggregation`` option replaces this mean when set);
 3. if t mod I == 1 (we use (t - 1) mod I == 0, which is the same for I > 1 and means
    "every round" for I = 1) the client also uploads Pi_i; the server stacks all proxies
    (the K columns of every Pi_i, Eq. 6), computes their cosine similarities (Eq. 8),
@@ -402,7 +403,8 @@ class FedMoEDA(Algorithm):
         k_experts = cfg.num_experts
         extra = {key: value.copy() for key, value in state.extra.items()}
         # Eq. 5: plain average of the embeddings
-        embedding = weighted_average([unprefixed(EMBEDDING, r.arrays) for r in replies], [1.0] * len(replies))
+        embedding = weighted_average([unprefixed(EMBEDDING, r.arrays) for r in replies], [1.0] * len(replies),
+                                     cfg.robust_aggregation, cfg.trim_fraction)
         arrays = prefixed(EMBEDDING, embedding)
         # the matrix these experts are aggregated with: the one the clients held this round
         for r in replies:

@@ -5,7 +5,8 @@ the two convolutional layers are the *body* (base layers), the two fully connect
 layers (``fc1`` + ``classifier``) the *head* (personalisation layers).
 
 - Every local step trains body and head together with cross-entropy.
-- Only the body is uploaded; the server averages it sample-weighted (FedAvg).
+- Only the body is uploaded; the server averages it sample-weighted (FedAvg); the
+  ``robust_aggregation`` option (median / trimmed mean) applies here, default mean.
 - The head stays on the client (private state) and never leaves it during training.
 - There is no single global model: global accuracy is the mean, over training clients,
   of each client's body+head on the global test set.
@@ -96,7 +97,8 @@ class FedPer(Algorithm):
         return dict(state.arrays), {}
 
     def aggregate(self, state: ServerState, replies: list[Reply], cfg, server_round):
-        body = weighted_average([unprefixed(BODY, r.arrays) for r in replies], [r.num_samples for r in replies])
+        body = weighted_average([unprefixed(BODY, r.arrays) for r in replies], [r.num_samples for r in replies],
+                                cfg.robust_aggregation, cfg.trim_fraction)
         return ServerState(prefixed(BODY, body), state.extra), {}
 
     def coldstart_payload(self, state, cfg, client_parts=None):

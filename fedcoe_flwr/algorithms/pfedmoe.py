@@ -2,7 +2,8 @@
 
 Each client runs a local mixture of two feature extractors:
 - the *global expert*: a shared small homogeneous feature extractor, uploaded after
-  local training and averaged by the server with sample weights;
+  local training and averaged by the server with sample weights (or by the
+  ``robust_aggregation`` rule when set; default mean);
 - the *local expert*: the client's own (possibly wider) feature extractor, private;
 - a private *local gate* on the raw sample (flattened): Linear -> switchable
   normalisation -> ReLU -> Linear -> softmax over 2, giving per-sample weights
@@ -280,7 +281,8 @@ class PFedMoE(Algorithm):
         return self._payload(state, cfg, client_index)
 
     def aggregate(self, state: ServerState, replies: list[Reply], cfg, server_round):
-        avg = weighted_average([unprefixed(GLOBAL, r.arrays) for r in replies], [r.num_samples for r in replies])
+        avg = weighted_average([unprefixed(GLOBAL, r.arrays) for r in replies], [r.num_samples for r in replies],
+                               cfg.robust_aggregation, cfg.trim_fraction)
         gate_global = [float(r.metrics["gate_global_mean"]) for r in replies if "gate_global_mean" in r.metrics]
         diagnostics = {"gate_global_weight_mean": sum(gate_global) / len(gate_global)} if gate_global else {}
         return ServerState(prefixed(GLOBAL, avg), state.extra), diagnostics
