@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=["fedcoe", "fedavg", "fedprox", "fedper", "pfedmoe",
-                                                          "fedmoe_da"])
+                                                          "fedmoe_da", "local"])
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
     parser.add_argument("--results-dir", default="results")
     parser.add_argument("--out", default=None, help="where the table and plot go (default results/compare-<config>)")

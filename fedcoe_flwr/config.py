@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 import yaml
 
-ALGORITHMS = ("fedcoe", "fedavg", "fedprox", "fedper", "pfedmoe", "fedmoe_da")
+ALGORITHMS = ("fedcoe", "fedavg", "fedprox", "fedper", "pfedmoe", "fedmoe_da", "local")
 DATASETS = ("cifar10", "cifar100", "imagefolder", "synthetic")
 PARTITIONS = ("dirichlet", "pathological", "iid")
 MODELS = ("cnn", "resnet_moe")
@@ -37,7 +37,7 @@ class ExperimentConfig:
     seed: int = 0
     algorithm: str = "fedcoe"
     num_rounds: int = 30
-    eval_every: int = 5
+    eval_every: int = 5  # 0: never evaluate (training-only runs, e.g. benchmarks)
     fraction_train: float = 1.0  # share of training clients sampled each round
     min_reply_fraction: float = 0.5  # a round fails below this share of replies
     device: str = "auto"
@@ -176,7 +176,7 @@ def _check(cfg: ExperimentConfig) -> None:
         if getattr(cfg, key) not in choices:
             bad(key, f"choose one of {', '.join(choices)}")
     positive = (
-        "num_rounds", "eval_every", "num_clients", "num_experts", "local_epochs",
+        "num_rounds", "num_clients", "num_experts", "local_epochs",
         "batch_size", "eval_batch_size", "resnet_width", "gate_width", "inner_experts",
         "inner_top_k", "synthetic_train_size", "synthetic_test_size", "keep_checkpoints",
         "fedmoe_da_interval",
@@ -184,7 +184,7 @@ def _check(cfg: ExperimentConfig) -> None:
     for key in positive:
         if getattr(cfg, key) < 1:
             bad(key, "must be >= 1")
-    for key in ("num_coldstart_clients", "top_m", "train_subset", "global_test_subset",
+    for key in ("eval_every", "num_coldstart_clients", "top_m", "train_subset", "global_test_subset",
                 "min_partition_size", "seed", "fedmoe_da_top_p"):
         if getattr(cfg, key) < 0:
             bad(key, "must be >= 0")
@@ -195,7 +195,7 @@ def _check(cfg: ExperimentConfig) -> None:
                 "max_update_norm_ratio", "wait_for_nodes"):
         if getattr(cfg, key) < 0:
             bad(key, "must be >= 0")
-    if cfg.algorithm in ("fedper", "pfedmoe", "fedmoe_da") and cfg.model != "cnn":
+    if cfg.algorithm in ("fedper", "pfedmoe", "fedmoe_da", "local") and cfg.model != "cnn":
         bad("model", f"algorithm '{cfg.algorithm}' splits the small CNN as its paper does: use model 'cnn'")
     if cfg.top_m > cfg.num_experts:
         bad("top_m", f"must be <= num_experts ({cfg.num_experts}); 0 means all experts")

@@ -14,9 +14,8 @@ REGISTRY = {
     "fedper": ("fedper", "FedPer"),
     "pfedmoe": ("pfedmoe", "PFedMoE"),
     "fedmoe_da": ("fedmoe_da", "FedMoEDA"),
+    "local": ("local", "LocalOnly"),
 }
-# the baselines' papers split the small CNN into named parts; they need model: cnn
-CNN_ONLY = ("fedper", "pfedmoe", "fedmoe_da")
 
 
 def get_algorithm(name: str) -> Algorithm:

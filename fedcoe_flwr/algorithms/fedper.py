@@ -58,20 +58,22 @@ def initial_model(cfg: ExperimentConfig, num_classes: int) -> SmallCNN:
     return seeded_init(lambda: build_cnn(cfg, num_classes), cfg.seed)
 
 
-def split_state(state: Mapping[str, torch.Tensor]) -> tuple[Arrays, Arrays]:
-    """SmallCNN state -> (body, head) without prefixes."""
-    body = {k: v for k, v in state.items() if k.startswith(BODY_LAYERS)}
-    head = {k: v for k, v in state.items() if k.startswith(HEAD_LAYERS)}
-    if len(body) + len(head) != len(state):
-        raise ValueError(f"unexpected SmallCNN keys: {sorted(set(state) - set(body) - set(head))}")
+def split_state(state: Mapping[str, torch.Tensor], body_layers: tuple[str, ...] = BODY_LAYERS
+                ) -> tuple[Arrays, Arrays]:
+    """SmallCNN state -> (body, head) without prefixes; the head is everything else."""
+    body = {k: v for k, v in state.items() if k.startswith(body_layers)} if body_layers else {}
+    head = {k: v for k, v in state.items() if k not in body}
+    if not all(k.startswith(BODY_LAYERS + HEAD_LAYERS) for k in state):
+        raise ValueError(f"unexpected SmallCNN keys: {sorted(k for k in state if not k.startswith(BODY_LAYERS + HEAD_LAYERS))}")
     return body, head
 
 
 def build_client_model(cfg: ExperimentConfig, num_classes: int, body: Mapping[str, torch.Tensor],
-                       head: Mapping[str, torch.Tensor] | None, device: torch.device) -> SmallCNN:
+                       head: Mapping[str, torch.Tensor] | None, device: torch.device,
+                       body_layers: tuple[str, ...] = BODY_LAYERS) -> SmallCNN:
     """Body from the server; head private (or the initial head when there is none yet)."""
     if head is None:
-        head = split_state(state_of(initial_model(cfg, num_classes)))[1]
+        head = split_state(state_of(initial_model(cfg, num_classes)), body_layers)[1]
     model = build_cnn(cfg, num_classes)
     model.load_state_dict({**dict(body), **dict(head)}, strict=True)
     return model.to(device)
@@ -86,11 +88,12 @@ class FedPer(Algorithm):
     name = "fedper"
     has_global_model = False
     coldstart_needs_client_parts = True
+    body_layers: tuple[str, ...] = BODY_LAYERS  # shared; the rest of the CNN is private
 
     # ---- server side
     def init_state(self, cfg: ExperimentConfig, num_classes: int) -> ServerState:
         require_cnn(cfg, self.name)
-        body, _ = split_state(state_of(initial_model(cfg, num_classes)))
+        body, _ = split_state(state_of(initial_model(cfg, num_classes)), self.body_layers)
         return ServerState(prefixed(BODY, body))
 
     def train_payload(self, state, cfg, client_index, server_round):
@@ -112,13 +115,13 @@ class FedPer(Algorithm):
     # ---- client side
     def client_train(self, arrays, config, private, data, cfg, num_classes, device, seed):
         head = unprefixed(HEAD, private) if private else None
-        model = build_client_model(cfg, num_classes, unprefixed(BODY, arrays), head, device)
+        model = build_client_model(cfg, num_classes, unprefixed(BODY, arrays), head, device, self.body_layers)
 
         def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return F.cross_entropy(model(x), y)
 
         loss = run_local_epochs(list(model.parameters()), [model], data, cfg, device, seed, loss_fn)
-        body, head = split_state(state_of(model))
+        body, head = split_state(state_of(model), self.body_layers)
         return prefixed(BODY, body), prefixed(HEAD, head), {"num_samples": data.num_train, "train_loss": loss}
 
     def client_predict(self, arrays, config, private, cfg, num_classes, device):
@@ -128,7 +131,8 @@ class FedPer(Algorithm):
             head = unprefixed(HEAD, arrays)
         else:  # a training client that has not trained yet: the initial head
             head = None
-        return softmax_predictor(build_client_model(cfg, num_classes, unprefixed(BODY, arrays), head, device))
+        return softmax_predictor(build_client_model(cfg, num_classes, unprefixed(BODY, arrays), head, device,
+                                                    self.body_layers))
 
     def client_eval_upload(self, arrays, config, private, cfg):
         """The private head, only for the cold-start model's average (evaluation protocol)."""
