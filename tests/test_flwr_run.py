@@ -49,14 +49,28 @@ def descendants(root: int) -> list[int]:
     return out
 
 
-def stop_tree(marker: str) -> None:
-    """Kill the SuperLink whose command line holds ``marker`` and all it started."""
+def running(pid: int) -> bool:
+    """True while the process exists and is not a zombie (a zombie holds no sockets)."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def stop_tree(marker: str, wait: float = 30.0) -> None:
+    """Kill the SuperLink whose command line holds ``marker`` and all it started, and wait
+    until they are gone and its port is closed (SIGKILL takes effect asynchronously)."""
+    killed = []
     for pid in processes_mentioning(marker):
         for p in [pid] + descendants(pid):
             try:
                 os.kill(p, signal.SIGKILL)
+                killed.append(p)
             except ProcessLookupError:
                 pass
+    deadline = time.time() + wait
+    while time.time() < deadline and (any(running(p) for p in killed) or port_in_use(LOCAL_SUPERLINK_PORT)):
+        time.sleep(0.2)
 
 
 @pytest.mark.slow
