@@ -260,3 +260,55 @@ def test_invalid_config_values_are_named(tmp_path, text, match):
     path.write_text(text)
     with pytest.raises(ConfigError, match=match):
         load_config(path)
+
+
+# ------------------------------------------------------------------ properties: partitioner and correlation shares
+@settings(max_examples=15, deadline=None)
+@given(partition=st.sampled_from(["dirichlet", "iid", "pathological"]), alpha=st.floats(0.05, 5.0),
+       num_clients=st.integers(2, 6), num_coldstart=st.integers(1, 3), seed=st.integers(0, 10_000))
+def test_partitioner_properties_disjoint_deterministic_split(partition, alpha, num_clients, num_coldstart, seed):
+    """Whatever the partition, skew, client count and seed: clients never share an index, the
+    same seed gives the same partition, and every client's local split is disjoint and non-empty."""
+    from fedcoe_flwr import data as data_mod
+    from fedcoe_flwr.config import from_dict
+
+    num_coldstart = min(num_coldstart, num_clients)  # more cold-start clients than clients is a config error
+    cfg = from_dict({"dataset": "synthetic", "synthetic_train_size": 400, "synthetic_test_size": 40,
+                     "synthetic_num_classes": 4, "image_size": 8, "num_clients": num_clients,
+                     "num_coldstart_clients": num_coldstart, "partition": partition, "dirichlet_alpha": alpha,
+                     "classes_per_client": 2, "min_partition_size": 10, "seed": seed, "model": "cnn"})
+    try:
+        splits = data_mod.client_splits(cfg)
+    except data_mod.DataError as err:  # an impossible draw must be refused by name, never hang or overlap
+        assert "min_partition_size" in str(err) or "client" in str(err), err
+        return
+    everything = np.concatenate([np.concatenate([tr, te]) for tr, te in splits])
+    assert len(splits) == num_clients + num_coldstart
+    assert len(np.unique(everything)) == len(everything) and everything.max() < 400
+    for tr, te in splits:
+        assert len(tr) > 0 and not set(tr.tolist()) & set(te.tolist())
+    data_mod._client_splits_cached.cache_clear()
+    again = data_mod.client_splits(cfg)
+    assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(splits, again))
+
+
+@settings(max_examples=60, deadline=None)
+@given(num_samples=st.lists(st.integers(1, 500), min_size=1, max_size=8), seed=st.integers(0, 10_000),
+       smoothing=st.floats(0.0, 1.0), cap=st.floats(0.05, 1.0), weighting=st.booleans())
+def test_correlation_shares_sum_to_one_respect_the_cap_and_ignore_order(num_samples, seed, smoothing, cap,
+                                                                        weighting):
+    from fedcoe_flwr.algorithms.fedcoe import expert_weights
+    from fedcoe_flwr.config import from_dict
+
+    cfg = from_dict({"correlation_weighting": weighting, "correlation_smoothing": smoothing,
+                     "correlation_cap": cap, "num_experts": 3})
+    rng = np.random.default_rng(seed)
+    corr = rng.dirichlet(np.ones(3), size=len(num_samples))
+    n = np.array(num_samples)
+    for k in range(3):
+        shares = expert_weights(n, corr, k, cfg)
+        assert np.all(shares >= 0) and abs(shares.sum() - 1.0) < 1e-9
+        if weighting:
+            assert shares.max() <= max(cap, 1.0 / len(n)) + 1e-9  # no client owns an expert
+        order = rng.permutation(len(n))
+        np.testing.assert_allclose(expert_weights(n[order], corr[order], k, cfg), shares[order], atol=1e-9)

@@ -1,0 +1,451 @@
+"""Deployment: site data from node config, private state on disk, certificates, the compose
+file, and real SuperLink + SuperNode processes over gRPC on 127.0.0.1 (TLS + node auth).
+
+The ``slow`` tests start real processes on free loopback ports and stop all of them (process
+groups plus a sweep for the deployment's environment marker); each is bounded by timeouts."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from flwr.app import Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+import flwr
+from fedcoe_flwr import client
+from fedcoe_flwr.algorithms import get_algorithm
+from fedcoe_flwr.client import NodeConfigError, node_role, state_checksum, state_paths
+from fedcoe_flwr.data import DataError, load_global_test, load_site_data
+from fedcoe_flwr.deploy.local import LocalDeployment, marked_processes, metrics_lines, run_status
+from fedcoe_flwr.deploy.sites import export_sites
+from fedcoe_flwr.records import ARRAYS, CONFIG, EXPERIMENT, METRICS, config_record, experiment_record, to_array_record
+
+from PIL import Image
+
+COLOURS = {"ant": (250, 10, 10), "bee": (10, 250, 10), "cat": (10, 10, 250)}
+
+
+def make_image_folder(root, counts=None, size=10):
+    """root/{train,test}/<class>/<i>.png, each image a solid class colour."""
+    counts = counts or {"train": {"ant": 4, "bee": 3, "cat": 5}, "test": {"ant": 2, "bee": 2, "cat": 1}}
+    for split, per_class in counts.items():
+        for cls, n in per_class.items():
+            folder = root / split / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.new("RGB", (size, size), COLOURS[cls]).save(folder / f"{i:03d}.png")
+    return root
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+    yield
+
+
+def context(node_config: dict, run_id: int = 7, state: RecordDict | None = None) -> Context:
+    return Context(run_id=run_id, node_id=11, node_config=node_config, state=state or RecordDict(), run_config={})
+
+
+# ------------------------------------------------------------------ node config -> role
+def test_node_role_from_site_and_partition_configs(make_cfg):
+    cfg = make_cfg(num_clients=3, num_coldstart_clients=2)
+    site = node_role(context({"data-dir": "/data/a", "site-id": 2}))
+    assert (site.mode, site.key, site.index(cfg), site.coldstart) == ("site", "site-2", 2, False)
+    cold = node_role(context({"data-dir": "/data/b", "site-id": 1, "cold-start": True, "state-dir": "/s"}))
+    assert (cold.key, cold.index(cfg), cold.state_dir) == ("coldstart-1", 4, "/s")  # num_clients + site-id
+    part = node_role(context({"partition-id": 3, "num-partitions": 5}))
+    assert (part.mode, part.key, part.index(cfg), part.num_partitions) == ("partition", "partition-3", 3, 5)
+
+
+@pytest.mark.parametrize("node_config, match", [
+    ({}, "neither which site nor which partition"),
+    ({"data-dir": "/d"}, "both data-dir and site-id"),
+    ({"data-dir": "/d", "site-id": 0, "partition-id": 0, "num-partitions": 2}, "mixes a site"),
+    ({"data-dir": "/d", "site-id": "x"}, "site-id must be an integer"),
+    ({"data-dir": "/d", "site-id": 0, "cold-start": "maybe"}, "cold-start must be true or false"),
+])
+def test_bad_node_config_says_what_to_pass(node_config, match):
+    with pytest.raises(NodeConfigError, match=match):
+        node_role(context(node_config))
+
+
+def test_site_id_outside_the_federation_is_an_error(make_cfg):
+    cfg = make_cfg(num_clients=2, num_coldstart_clients=1)
+    with pytest.raises(NodeConfigError, match="training site-id 2 is outside 0..1"):
+        node_role(context({"data-dir": "/d", "site-id": 2})).index(cfg)
+    with pytest.raises(NodeConfigError, match="cold-start site-id 1 is outside 0..0"):
+        node_role(context({"data-dir": "/d", "site-id": 1, "cold-start": True})).index(cfg)
+
+
+# ------------------------------------------------------------------ site data
+@pytest.fixture
+def sites(make_cfg, tmp_path, fresh_caches):
+    """Site folders cut from the tiny generated data set (3 training + 1 cold-start)."""
+    cfg = make_cfg()
+    folders = export_sites(cfg, tmp_path / "sites")
+    return make_cfg(class_names=",".join(folders.class_names)), folders
+
+
+def images(x: torch.Tensor) -> list[bytes]:
+    """A batch of images as a sorted list of their bytes (order-free comparison)."""
+    return sorted(bytes(row) for row in x.reshape(len(x), -1).numpy())
+
+
+def test_exported_sites_hold_exactly_the_research_mode_data(sites):
+    cfg, folders = sites
+    from fedcoe_flwr.data import load_client_data
+
+    for index in range(cfg.num_partitions):
+        folder = folders.training[index] if index < cfg.num_clients else folders.coldstart[index - cfg.num_clients]
+        site, part = load_site_data(folder, cfg), load_client_data(cfg, index)
+        for a, b in ((site.train_x, part.train_x), (site.test_x, part.test_x)):
+            assert a.shape == b.shape
+            assert images(a) == images(b)  # the same images (PNG is lossless), in another order
+        assert sorted(site.train_y.tolist()) == sorted(part.train_y.tolist())
+    gx, gy = load_global_test(cfg.replace(global_test_dir=str(folders.global_test)))
+    ref_x, ref_y = load_global_test(cfg)
+    assert images(gx) == images(ref_x) and sorted(gy.tolist()) == sorted(ref_y.tolist())
+
+
+def test_site_labels_follow_the_federation_label_space(tmp_path, make_cfg):
+    root = make_image_folder(tmp_path / "site-a", {"train": {"bee": 2, "cat": 3}, "test": {"cat": 1}})
+    cfg = make_cfg(class_names="cat,dog,bee,ant", image_size=8)
+    data = load_site_data(root, cfg)
+    assert sorted(data.train_y.tolist()) == [0, 0, 0, 2, 2] and data.test_y.tolist() == [0]
+
+
+def test_site_with_an_unknown_class_names_folder_and_class(tmp_path, make_cfg):
+    root = make_image_folder(tmp_path / "site-b", {"train": {"ant": 2, "cat": 2}, "test": {"ant": 1}})
+    with pytest.raises(DataError, match=r"site-b.*\['cat'\].*train/cat"):
+        load_site_data(root, make_cfg(class_names="ant,bee", image_size=8))
+
+
+def test_site_data_errors_name_the_folder(tmp_path, make_cfg):
+    with pytest.raises(DataError, match="nowhere.*does not exist"):
+        load_site_data(tmp_path / "nowhere", make_cfg(class_names="a,b"))
+    root = make_image_folder(tmp_path / "site-c")
+    with pytest.raises(DataError, match="needs class_names"):
+        load_site_data(root, make_cfg(class_names=""))
+
+
+def test_site_data_from_a_tar_gz_and_its_cache(tmp_path, make_cfg):
+    root = make_image_folder(tmp_path / "site-d")
+    archive = tmp_path / "site-d.tar.gz"
+    subprocess.run(["tar", "-czf", str(archive), "-C", str(tmp_path), "site-d"], check=True)
+    cfg = make_cfg(class_names="ant,bee,cat", image_size=8)
+    a = load_site_data(root, cfg)
+    b = load_site_data(archive, cfg, cache_dir=tmp_path / "cache")
+    c = load_site_data(archive, cfg, cache_dir=tmp_path / "cache")  # from the .npz
+    assert len(list((tmp_path / "cache").glob("site-*.npz"))) == 1
+    for x in (b, c):  # archive order differs from the sorted folder walk: compare as sets of images
+        assert images(x.train_x) == images(a.train_x) and sorted(x.test_y.tolist()) == sorted(a.test_y.tolist())
+    assert torch.equal(b.train_x, c.train_x) and torch.equal(b.train_y, c.train_y)  # the cache is exact
+
+
+# ------------------------------------------------------------------ ClientApp handlers in site mode
+def message(cfg, message_type: str, arrays: dict, config: dict) -> Message:
+    content = RecordDict({ARRAYS: to_array_record(arrays), CONFIG: config_record(config),
+                          EXPERIMENT: experiment_record(cfg)})
+    return Message(content=content, dst_node_id=11, message_type=message_type)
+
+
+def test_profile_gives_site_index_and_federation_size(sites):
+    cfg, folders = sites
+    query = Message(content=RecordDict({EXPERIMENT: experiment_record(cfg)}), dst_node_id=11,
+                    message_type="query.profile")
+    cold = client.handle_profile(query, context({"data-dir": str(folders.coldstart[0]), "site-id": 0,
+                                                 "cold-start": True}))
+    info = dict(cold.content.config_records[CONFIG])
+    assert (info["partition-id"], info["num-partitions"], info["site"]) == (3, 4, "coldstart-0")
+    # research mode answers as before, with or without the experiment in the query
+    bare = Message(content=RecordDict(), dst_node_id=11, message_type="query.profile")
+    info = dict(client.handle_profile(bare, context({"partition-id": 2, "num-partitions": 4})).content
+                .config_records[CONFIG])
+    assert (info["partition-id"], info["num-partitions"]) == (2, 4)
+    # a site whose folder holds a class the federation does not know is stopped at discovery
+    bad = make_image_folder(folders.root / "bad", {"train": {"bee": 1}, "test": {"bee": 1}})
+    with pytest.raises(DataError, match="bee"):
+        client.handle_profile(query, context({"data-dir": str(bad), "site-id": 0}))
+
+
+def test_private_state_survives_a_restart_through_the_state_dir(sites, tmp_path):
+    """Train in one Context; a 'restarted SuperNode' (new, empty Context) evaluates with the
+    private parts reloaded from state-dir -- checked by checksum and by value."""
+    cfg, folders = sites
+    algo = get_algorithm(cfg.algorithm)
+    state = algo.init_state(cfg, len(folders.class_names))
+    node_config = {"data-dir": str(folders.training[1]), "site-id": 1, "state-dir": str(tmp_path / "state")}
+    payload, pconfig = algo.train_payload(state, cfg, 1, 1)
+    first = context(node_config)
+    reply = client.handle_train(message(cfg, "train", payload, {**pconfig, "server_round": 1}), first)
+    assert dict(reply.content.metric_records[METRICS])["num_samples"] > 0
+    kept = client.from_array_record(first.state.array_records[client.PRIVATE])
+    path, journal = state_paths(tmp_path / "state", cfg.resolved_run_name, "site-1")
+    saved = torch.load(path, weights_only=True)
+    assert saved["round"] == 1 and saved["crc"] == state_checksum(kept)
+    assert not [p for p in path.parent.iterdir() if ".tmp" in p.name]  # written atomically
+
+    restarted = context(node_config)  # same run, empty state
+    payload, pconfig = algo.eval_payload(state, cfg, 1)
+    client.handle_evaluate(message(cfg, "evaluate", payload, {**pconfig, "server_round": 1}), restarted)
+    reloaded = client.from_array_record(restarted.state.array_records[client.PRIVATE])
+    assert reloaded.keys() == kept.keys() and all(torch.equal(reloaded[k], kept[k]) for k in kept)
+    events = json.loads(journal.read_text())
+    assert [(e["phase"], e["source"]) for e in events] == [("train", "none"), ("evaluate", "state-dir")]
+    assert events[1]["crc_in"] == events[0]["crc_out"] == saved["crc"]
+
+    # another run with the same name does not pick up this run's private parts ...
+    other = context(node_config, run_id=8)
+    assert client.load_private_state(node_role(other), cfg, other) is None
+    # ... unless it resumes it
+    assert client.load_private_state(node_role(other), cfg.replace(resume=True), other) is not None
+
+
+def test_corrupt_state_file_is_ignored_not_loaded(sites, tmp_path):
+    cfg, folders = sites
+    node_config = {"data-dir": str(folders.training[0]), "site-id": 0, "state-dir": str(tmp_path / "s")}
+    ctx = context(node_config)
+    role = node_role(ctx)
+    client.save_private_state(role, cfg, ctx, {"w": torch.ones(3)}, 1)
+    path, _ = state_paths(tmp_path / "s", cfg.resolved_run_name, "site-0")
+    assert client.load_private_state(role, cfg, ctx)[0]["w"].tolist() == [1.0, 1.0, 1.0]
+    path.write_bytes(path.read_bytes()[:20])
+    assert client.load_private_state(role, cfg, ctx) is None
+
+
+# ------------------------------------------------------------------ certificates, compose
+def test_make_certs_makes_ca_server_cert_and_openssh_node_keys(tmp_path):
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+    out = tmp_path / "certs"
+    env = {**os.environ, "CERT_RSA_BITS": "2048"}
+    subprocess.run(["bash", str(ROOT / "scripts" / "make_certs.sh"), str(out), "2"], check=True, env=env,
+                   capture_output=True, timeout=120)
+    sans = subprocess.run(["openssl", "x509", "-in", str(out / "server.pem"), "-noout", "-ext", "subjectAltName"],
+                          check=True, capture_output=True, text=True).stdout
+    for san in ("DNS:localhost", "IP Address:127.0.0.1", "IP Address:0:0:0:0:0:0:0:1", "DNS:superlink"):
+        assert san in sans
+    subprocess.run(["openssl", "verify", "-CAfile", str(out / "ca.crt"), str(out / "server.pem")], check=True,
+                   capture_output=True)
+    for i in range(2):
+        private = (out / "keys" / f"site-{i}").read_bytes()
+        assert private.startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----")  # what flwr reads (G4)
+        key = load_ssh_private_key(private, password=None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+        assert isinstance(load_ssh_public_key((out / "keys" / f"site-{i}.pub").read_bytes()), ec.EllipticCurvePublicKey)
+        assert oct((out / "keys" / f"site-{i}").stat().st_mode & 0o777) == "0o600"
+    assert (out / "superexec.secret").stat().st_size >= 32
+    before = (out / "ca.crt").read_bytes()  # a re-run adds keys and keeps the CA
+    subprocess.run(["bash", str(ROOT / "scripts" / "make_certs.sh"), str(out), "3"], check=True, env=env,
+                   capture_output=True, timeout=120)
+    assert (out / "ca.crt").read_bytes() == before and (out / "keys" / "site-2.pub").is_file()
+    assert "certs/" in (ROOT / ".gitignore").read_text().split()
+
+
+def test_compose_file_parses_and_names_the_right_images_and_ports():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services, version = compose["services"], flwr.__version__
+    assert version.startswith("1.39")
+    link = services["superlink"]
+    assert link["image"] == f"flwr/superlink:{version}"
+    assert {"8000:8000", "9092:9092"} <= set(link["ports"])
+    assert "--enable-supernode-auth" in link["command"]
+    assert "--fleet-api-address=0.0.0.0:9092" in link["command"] and "--port=8000" in link["command"]
+    assert not any("--insecure" == a for a in link["command"])
+    assert {"ca_crt", "server_pem", "server_key"} <= set(link["secrets"])
+    nodes = {k: v for k, v in services.items() if k.startswith("supernode-")}
+    assert len(nodes) == 3
+    ids = set()
+    for name, node in nodes.items():
+        i = name.split("-")[1]
+        assert node["image"] == f"flwr/supernode:{version}"
+        cmd = node["command"]
+        assert "--superlink=superlink:9092" in cmd and "--root-certificates=/run/secrets/ca_crt" in cmd
+        assert f"--auth-supernode-private-key=/run/secrets/site_{i}_key" in cmd
+        node_config = next(a for a in cmd if a.startswith("--node-config="))
+        assert 'data-dir="/data/site"' in node_config and 'state-dir="/state"' in node_config
+        ids.add(re.search(r"site-id=(\d+)( cold-start=true)?", node_config).groups())
+        for variant in (f"superexec-clientapp-{i}", f"superexec-clientapp-{i}-gpu"):
+            app = services[variant]
+            assert f"--runtime-api-address=supernode-{i}:9094" in app["command"]
+            data = [v for v in app["volumes"] if v.endswith(":/data/site:ro")]
+            assert len(data) == 1 and any(v.endswith(":/state") for v in app["volumes"])
+        gpu = services[f"superexec-clientapp-{i}-gpu"]
+        assert gpu["profiles"] == ["gpu"] and services[f"superexec-clientapp-{i}"]["profiles"] == ["cpu"]
+        assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert ids == {("0", None), ("1", None), ("0", " cold-start=true")}
+    data_dirs = [next(v for v in services[f"superexec-clientapp-{i}"]["volumes"] if "/data/site" in v) for i in "012"]
+    assert len(set(data_dirs)) == 3  # each site its own data volume
+    secrets = {k: v["file"] for k, v in compose["secrets"].items()}
+    assert secrets["ca_crt"] == "./certs/ca.crt" and secrets["site_2_key"] == "./certs/keys/site-2"
+    dockerfile = (ROOT / services["superexec-serverapp"]["build"]["dockerfile"]).read_text()
+    assert f"FROM flwr/superexec:{version}" in dockerfile
+    for k in ("superlink", "supernode"):
+        assert f"flwr/{k}:{version}" in (ROOT / "docs" / "DEPLOYMENT.md").read_text()
+
+
+# ------------------------------------------------------------------ real processes on loopback
+SMOKE = {"num_rounds": 2, "round_timeout": 300.0, "wait_for_nodes": 120.0, "min_reply_fraction": 0.5}
+
+
+def start_deployment(tmp: Path, certs: Path, run_name: str, unregistered: int = 0) -> LocalDeployment:
+    dep = LocalDeployment(tmp / run_name, num_nodes=3, tls=True, config="configs/smoke.yaml",
+                          overrides={**SMOKE, "run_name": run_name, "results_dir": str(tmp / "results")},
+                          unregistered=unregistered, certs=certs, echo=lambda line: None)
+    dep.prepare_data()
+    dep.make_certs()
+    dep.start_superlink()
+    dep.register_all()
+    dep.start_supernodes()
+    return dep
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("certs") / "certs"
+    subprocess.run(["bash", str(ROOT / "scripts" / "make_certs.sh"), str(out), "4"], check=True,
+                   env={**os.environ, "CERT_RSA_BITS": "2048"}, capture_output=True, timeout=120)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tls_run(tmp_path_factory, certs):
+    """3 registered SuperNodes + 1 SuperNode with an unregistered key; a 2-round FedCoE run.
+    Everything is stopped before the tests look at the results."""
+    tmp = tmp_path_factory.mktemp("deploy")
+    dep = start_deployment(tmp, certs, "tls", unregistered=1)
+    try:
+        refused = dep.wait_refused(timeout=90)
+        dep.start_run()
+        rc = dep.wait_run(timeout=600)
+    finally:
+        dep.stop_all()
+    return dep, rc, refused, marked_processes(dep.mark)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_three_tls_authenticated_supernodes_complete_two_fedcoe_rounds(tls_run):
+    dep, rc, _, leftovers = tls_run
+    log = "\n".join(dep.run_lines[-60:])
+    assert rc == 0 and run_status(dep.results_dir) == "finished", log
+    lines = metrics_lines(dep.results_dir)
+    assert [l["round"] for l in lines] == [1, 2], log
+    for line in lines:
+        for key in ("global_accuracy", "personalized_accuracy", "coldstart_accuracy"):
+            assert isinstance(line[key], float) and 0.0 <= line[key] <= 1.0, (key, line)
+    rounds = [json.loads(l) for l in (dep.results_dir / "rounds.jsonl").read_text().splitlines()]
+    assert [r["replies"] for r in rounds] == [2, 2]  # both training sites, every round
+    link_log = dep.superlink.log.read_text()
+    assert "Starting Fleet API (gRPC-rere) on 127.0.0.1:" in link_log  # loopback only, gRPC
+    assert sorted(set(re.findall(r"Activated node_id=(\d+)", link_log))) == sorted(map(str, dep.node_ids.values()))
+    assert leftovers == [], "every process the deployment started must be gone"
+    dep.report(rc)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_supernode_with_unregistered_key_is_refused_and_run_completes(tls_run):
+    dep, rc, refused, _ = tls_run
+    (index, code), = refused.items()
+    node_log = dep.nodes[index].log.read_text()
+    assert code not in (None, 0), "the unregistered SuperNode must exit with an error"
+    assert "Exit Code: 305" in node_log and "Failed to activate SuperNode" in node_log
+    assert "No SuperNode found with the given public key" in dep.superlink.log.read_text()
+    assert run_status(dep.results_dir) == "finished"
+    assert "[fedcoe] 3 nodes" in "\n".join(dep.run_lines)  # the run went on with the registered three
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_restarted_supernode_gets_its_private_state_back(tmp_path, certs):
+    """Site 0 is stopped (SIGTERM) and started again between round 1 and round 2. Its first use
+    of the private parts after the restart must come from its state-dir with exactly the values
+    it saved in round 1 (CRC-32 over the tensors, computed here from the file before the restart)."""
+    dep = start_deployment(tmp_path, certs, "restart")
+    try:
+        dep.start_run()
+        state_file, journal = state_paths(dep.state_dir(0), "restart", "site-0")
+        deadline = time.time() + 400
+        # round 1 done for site 0: its evaluation reply has been sent
+        while time.time() < deadline:
+            text = dep.nodes[0].log.read_text(errors="replace")
+            if "Sending: evaluate" in text and text.rfind("Sent successfully") > text.rfind("Sending: evaluate"):
+                break
+            assert dep.run_proc.alive(), "\n".join(dep.run_lines[-40:])
+            time.sleep(0.3)
+        else:
+            pytest.fail("site 0 never finished round 1")
+        saved = torch.load(state_file, weights_only=True)
+        before = state_checksum(saved["private"])
+        assert saved["round"] == 1 and saved["crc"] == before
+        old_pid = dep.nodes[0].pid
+        away = dep.restart_supernode(0)
+        assert dep.nodes[0].pid != old_pid
+        rc = dep.wait_run(timeout=600)
+    finally:
+        dep.stop_all()
+    log = "\n".join(dep.run_lines[-60:])
+    assert rc == 0 and run_status(dep.results_dir) == "finished", log
+    assert [l["round"] for l in metrics_lines(dep.results_dir)] == [1, 2]
+    events = json.loads(journal.read_text())
+    after = [e for e in events if e["time"] > saved_time(events, 1)]
+    first = after[0]
+    assert first["source"] == "state-dir", events  # the restarted SuperNode had an empty context.state
+    assert first["crc_in"] == before, events  # ... and got exactly the saved private parts back
+    assert all(e["source"] == "context" for e in after[1:]), events
+    # node auth keeps the node id across the restart
+    link_log = dep.superlink.log.read_text()
+    assert link_log.count(f"Activated node_id={dep.node_ids[0]}") == 2
+    assert marked_processes(dep.mark) == []
+    dep.report(rc, {"restart_away_s": round(away, 2), "journal_site0": events})
+
+
+def saved_time(events: list[dict], server_round: int) -> float:
+    """Time of the last event of ``server_round`` (the restart came after it)."""
+    return max(e["time"] for e in events if e["round"] == server_round)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_supernode_killed_mid_round_is_left_out_and_run_completes(tmp_path, certs):
+    """Site 1's SuperNode (with its SuperExec and ClientApp: its whole process group) gets
+    SIGKILL as soon as round 1's train message reaches it. The SuperLink reports the node
+    dead after missed heartbeats (about a minute); the round aggregates site 0 alone, logs
+    site 1 as failed, and the run finishes its 2 rounds."""
+    import signal
+
+    dep = start_deployment(tmp_path, certs, "kill")
+    try:
+        dep.start_run()
+        deadline = time.time() + 300
+        while "Receiving: train message" not in dep.nodes[1].log.read_text(errors="replace"):
+            assert dep.run_proc.alive() and time.time() < deadline, "\n".join(dep.run_lines[-40:])
+            time.sleep(0.2)
+        os.killpg(os.getpgid(dep.nodes[1].pid), signal.SIGKILL)
+        killed_at = time.time()
+        rc = dep.wait_run(timeout=600)
+    finally:
+        dep.stop_all()
+    log = "\n".join(dep.run_lines[-60:])
+    assert rc == 0 and run_status(dep.results_dir) == "finished", log
+    assert [l["round"] for l in metrics_lines(dep.results_dir)] == [1, 2]
+    rounds = [json.loads(l) for l in (dep.results_dir / "rounds.jsonl").read_text().splitlines()]
+    assert rounds[0]["replies"] == 1 and rounds[0]["failed"] == [1], rounds[0]  # site 1 left out, logged
+    assert rounds[1]["replies"] == 1, rounds[1]  # the dead node is no longer sampled
+    assert "failed or timed out; left out" in log or "failed or timed out; left out" in "\n".join(dep.run_lines)
+    assert marked_processes(dep.mark) == [], "every process the deployment started must be gone"
+    dep.report(rc, {"killed_after_run_start_s": round(killed_at - dep.run_proc.started, 2)})
