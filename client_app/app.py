@@ -26,3 +26,8 @@ def evaluate(msg: Message, context: Context) -> Message:
 @app.evaluate("coldstart")
 def coldstart(msg: Message, context: Context) -> Message:
     return client.handle_coldstart(msg, context)
+
+
+@app.query("onboard")
+def onboard(msg: Message, context: Context) -> Message:
+    return client.handle_onboard(msg, context)

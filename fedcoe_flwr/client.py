@@ -81,8 +81,9 @@ class NodeConfigError(ValueError):
 
 NODE_CONFIG_HELP = (
     "start the SuperNode with --node-config 'data-dir=\"/data/site-a\" site-id=0' (a site with its own "
-    "images; add cold-start=true for a cold-start site) or --node-config 'partition-id=0 num-partitions=N' "
-    "(a partition of the configured data set)")
+    "images; add cold-start=true for a cold-start site), --node-config 'data-dir=\"/data/new-site\" cold-start=true' "
+    "(a new site to onboard) or --node-config 'partition-id=0 num-partitions=N' (a partition of the configured "
+    "data set)")
 
 
 def _flag(value: Any) -> bool:
@@ -117,11 +118,21 @@ class NodeRole:
     state_dir: str = ""
     global_test_dir: str = ""
     cache_dir: str = ""
+    site_name: str = ""  # optional site-name (a new site's name in file names and the registry)
+    model_path: str = ""  # optional model-path: where an onboarded node saves its routed model
+
+    @property
+    def new_site(self) -> bool:
+        """A site that was not part of the federation's plan (cold-start=true, no site-id): it is
+        onboarded when it joins, never counted as one of the configured clients."""
+        return self.mode == "site" and self.site_id < 0
 
     def index(self, cfg: ExperimentConfig | None) -> int:
-        """The client index the server uses (its 'partition-id')."""
+        """The client index the server uses (its 'partition-id'; -1 for a new site)."""
         if self.mode == "partition":
             return self.site_id
+        if self.new_site:
+            return -1
         if cfg is None:
             raise NodeConfigError("the client index of a site needs the experiment config")
         limit = cfg.num_coldstart_clients if self.coldstart else cfg.num_clients
@@ -135,21 +146,29 @@ class NodeRole:
     @property
     def key(self) -> str:
         """Stable name of this site for node-local files (node ids change on restart)."""
+        if self.site_name:
+            return _safe(self.site_name)
         if self.mode == "partition":
             return f"partition-{self.site_id}"
+        if self.new_site:
+            return "new-site"
         return f"coldstart-{self.site_id}" if self.coldstart else f"site-{self.site_id}"
 
 
 def node_role(context: Context) -> NodeRole:
     nc = context.node_config
     common = {"state_dir": str(nc.get("state-dir", "") or ""), "global_test_dir": str(nc.get("global-test-dir", "") or ""),
-              "cache_dir": str(nc.get("cache-dir", "") or "")}
+              "cache_dir": str(nc.get("cache-dir", "") or ""), "site_name": str(nc.get("site-name", "") or ""),
+              "model_path": str(nc.get("model-path", "") or "")}
     site_mode = "data-dir" in nc or "site-id" in nc
     partition_mode = "partition-id" in nc or "num-partitions" in nc
     if site_mode and partition_mode:
         raise NodeConfigError(f"node config {dict(nc)} mixes a site (data-dir/site-id) and a partition "
                               f"(partition-id/num-partitions); give one of them: {NODE_CONFIG_HELP}")
     if site_mode:
+        if "site-id" not in nc and str(nc.get("data-dir", "")) and _flag(nc.get("cold-start", False)):
+            # a new site joining a trained federation: onboarded, not one of the configured clients
+            return NodeRole("site", -1, True, None, data_dir=str(nc["data-dir"]), **common)
         if "site-id" not in nc or not str(nc.get("data-dir", "")):
             raise NodeConfigError(f"a site needs both data-dir and site-id in its node config, got {dict(nc)}; "
                                   f"{NODE_CONFIG_HELP}")
@@ -314,9 +333,11 @@ def handle_profile(msg: Message, context: Context) -> Message:
             raise NodeConfigError("this server sent no experiment config with its profile query, which a site "
                                   "needs to find its client index")
         pid, num = role.index(cfg), cfg.num_partitions
-        load_site_data_checked(role, cfg)
+        if not role.new_site:  # a new site's data is checked when it is onboarded
+            load_site_data_checked(role, cfg)
+    coldstart = bool(role.coldstart) if role.coldstart is not None else (cfg is not None and is_coldstart(cfg, pid))
     info: dict[str, Any] = {"partition-id": pid, "num-partitions": num, "site": role.key,
-                            "state-dir": bool(role.state_dir)}
+                            "state-dir": bool(role.state_dir), "cold-start": coldstart}
     return Message(content=RecordDict({CONFIG: config_record(info)}), reply_to=msg)
 
 
@@ -331,7 +352,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     cfg, arrays, config = _unpack(msg, context)
     role = node_role(context)
     pid = role.index(cfg)
-    if is_coldstart(cfg, pid) or role.coldstart:
+    if (is_coldstart(cfg, pid) or role.coldstart) and not config.get("joined"):
         raise ValueError(f"client {pid} ({role.key}) is a cold-start client and must never train")
     algo = get_algorithm(cfg.algorithm)
     data = client_data(cfg, role, pid)
@@ -393,3 +414,59 @@ def handle_coldstart(msg: Message, context: Context) -> Message:
     metrics = algo.client_coldstart(arrays, config, data, cfg, num_classes, pick_device(cfg.device))
     metrics.setdefault("num_test", int(len(data.test_y)))
     return _reply(msg, None, metrics)
+
+
+# ------------------------------------------------------------------ onboarding a new site
+def onboard_data(role: NodeRole, cfg: ExperimentConfig) -> ClientData:
+    """What a node being onboarded adapts to: its partition (research mode), its image folder
+    in the train/test class layout (labels used only to score test/), or any folder of images
+    (unlabeled: no accuracy is reported)."""
+    from . import onboard
+
+    if role.mode == "partition":
+        return load_client_data(cfg, role.site_id)
+    if onboard.has_labelled_layout(role.data_dir):
+        return client_data(cfg, role, role.index(cfg))
+    x, _ = onboard.read_unlabeled_images(role.data_dir, cfg.image_size)
+    return onboard.unlabeled_only(x)
+
+
+def onboarded_model_path(role: NodeRole, run_name: str) -> Path:
+    """node config model-path (a file, or a folder ending in '/'), else
+    <state-dir>/<run>/<site>.onboarded.pt, else ./onboarded/<run>/<site>.pt."""
+    if role.model_path:
+        path = Path(os.path.expanduser(role.model_path))
+        return path / f"{_safe(run_name)}-{role.key}.pt" if role.model_path.endswith("/") or path.is_dir() else path
+    if role.state_dir:
+        folder, _ = state_paths(role.state_dir, run_name, role.key)
+        return folder.with_name(f"{role.key}.onboarded.pt")
+    return Path.cwd() / "onboarded" / _safe(run_name) / f"{role.key}.pt"
+
+
+def handle_onboard(msg: Message, context: Context) -> Message:
+    """A node joining a trained federation: adapt the cold-start package to its own images
+    (no gradient step), save the routed model locally, and send back only its routing row
+    (K floats) and its cold-start metrics."""
+    from . import onboard
+
+    cfg, arrays, config = _unpack(msg, context)
+    role = node_role(context)
+    received = onboard.package_crc(arrays)
+    if "package_crc" in config and int(config["package_crc"]) != received:
+        raise ValueError(f"the cold-start package arrived damaged (crc {received}, sent {config['package_crc']})")
+    data = onboard_data(role, cfg)
+    run_name = str(config.get("run_name") or cfg.resolved_run_name)
+    meta = {"run_name": run_name, "package_round": int(config.get("package_round", 0)), "package_crc": received,
+            "site": role.key, "node_id": int(context.node_id)}
+    done = onboard.build_onboarded(arrays, config, data, cfg, pick_device(cfg.device), meta)
+    path = onboarded_model_path(role, run_name)
+    size = onboard.save_bundle(done.bundle, path)
+    summary = {**meta, "model": str(path), "model_bytes": size, "routing_row": done.metrics.get("routing_row"),
+               "metrics": done.bundle["metrics"]}
+    _atomic_write(path.with_name(path.name + ".json"), lambda fh: fh.write(json.dumps(summary, indent=1).encode()))
+    log.info("site %s onboarded: model saved to %s (%d bytes); cold-start accuracy %s", role.key, path, size,
+             done.metrics.get("coldstart_accuracy", "n/a"))
+    context.state["onboarded"] = config_record({"model": str(path), "run-name": run_name,
+                                                "package-round": meta["package_round"]})
+    # only the routing row and numbers leave the node (onboard.check_reply enforces it on the server)
+    return Message(content=RecordDict({METRICS: metric_record({**done.metrics, "model_bytes": size})}), reply_to=msg)

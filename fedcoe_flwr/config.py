@@ -93,6 +93,12 @@ class ExperimentConfig:
     coldstart_adabn: bool = True
     coldstart_em: bool = True
     coldstart_top_m: bool = False
+    # ---- onboarding new sites (fedcoe_flwr/onboard.py, docs/DEPLOYMENT.md) ---
+    onboard_new_nodes: bool = True  # a SuperNode joining a running federation gets the cold-start package
+    coldstart_join_training: bool = False  # ... and trains like any client from the next round on
+    serve_from: str = ""  # serving mode: a finished run's folder or checkpoint; onboard nodes, no training
+    serve_max_nodes: int = 0  # serving mode stops after onboarding this many nodes (0: no limit)
+    serve_timeout: float = 3600.0  # serving mode stops after this many seconds
     # ---- baselines -----------------------------------------------------------
     pfedmoe_local_widths: str = "1.0"  # width multipliers of local extractors, cycled over clients
     fedmoe_da_top_p: int = 5  # P: experts each expert aggregates with (besides itself)
@@ -188,11 +194,11 @@ def _check(cfg: ExperimentConfig) -> None:
                 "min_partition_size", "seed", "fedmoe_da_top_p"):
         if getattr(cfg, key) < 0:
             bad(key, "must be >= 0")
-    for key in ("lr", "round_timeout", "fedmoe_da_tau"):
+    for key in ("lr", "round_timeout", "fedmoe_da_tau", "serve_timeout"):
         if not getattr(cfg, key) > 0:
             bad(key, "must be > 0")
     for key in ("momentum", "weight_decay", "aux_weight", "load_balance_weight", "prox_mu",
-                "max_update_norm_ratio", "wait_for_nodes"):
+                "max_update_norm_ratio", "wait_for_nodes", "serve_max_nodes"):
         if getattr(cfg, key) < 0:
             bad(key, "must be >= 0")
     if cfg.algorithm in ("fedper", "pfedmoe", "fedmoe_da", "local") and cfg.model != "cnn":

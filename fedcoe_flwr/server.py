@@ -32,7 +32,8 @@ def absolute_paths(cfg: ExperimentConfig, base: Path) -> ExperimentConfig:
 
     return cfg.replace(data_root=resolve(cfg.data_root) if cfg.data_root else "",
                        global_test_dir=resolve(cfg.global_test_dir) if cfg.global_test_dir else "",
-                       cache_dir=resolve(cfg.cache_dir), results_dir=resolve(cfg.results_dir))
+                       cache_dir=resolve(cfg.cache_dir), results_dir=resolve(cfg.results_dir),
+                       serve_from=resolve(cfg.serve_from) if cfg.serve_from else "")
 
 
 def check_global_test(cfg: ExperimentConfig) -> None:
@@ -51,9 +52,48 @@ def check_global_test(cfg: ExperimentConfig) -> None:
                         ".tar.gz with test/<class>/* on the SuperLink host (see docs/DEPLOYMENT.md).") from err
 
 
+def serve(grid: Grid, serving: ExperimentConfig) -> list[dict[str, Any]]:
+    """Serving mode: no training. Load a finished run's checkpoint and onboard every SuperNode
+    that connects (the cold-start package, its routing row and metrics back, one line per node
+    in ``<run>/onboarding.jsonl``) until ``serve_max_nodes`` nodes are onboarded or
+    ``serve_timeout`` seconds have passed."""
+    import time
+
+    from .algorithms.common import ServerState
+    from .onboard import load_checkpoint, serving_config
+    from .strategy import Onboarder
+
+    payload, path, run_dir = load_checkpoint(serving.serve_from)
+    cfg = serving_config(payload["config"], serving)
+    state = ServerState(dict(payload["arrays"]), dict(payload.get("extra", {})))
+    package_round = int(payload.get("round", 0))
+    onboarder = Onboarder(cfg, run_dir, "serve")
+    log(INFO, "[serve] onboarding new sites from %s (run %s, %s, round %d); registry %s; up to %s node(s), "
+        "%.0fs", path, cfg.resolved_run_name, cfg.algorithm, package_round, run_dir / "onboarding.jsonl",
+        serving.serve_max_nodes or "any number of", serving.serve_timeout)
+    deadline = time.time() + serving.serve_timeout
+    known: set[int] = set()
+    done: list[dict[str, Any]] = []
+    while time.time() < deadline:
+        new = sorted(int(n) for n in grid.get_node_ids() if int(n) not in known)
+        if serving.serve_max_nodes:
+            new = new[: serving.serve_max_nodes - len(done)]
+        if new:
+            known.update(new)
+            entries = onboarder.onboard(grid, {n: {} for n in new}, state, package_round, "serve")
+            done += [e for e in entries if e["status"] == "onboarded"]
+        if serving.serve_max_nodes and len(done) >= serving.serve_max_nodes:
+            break
+        time.sleep(1.0)
+    log(INFO, "[serve] stopped: %d node(s) onboarded; registry %s", len(done), run_dir / "onboarding.jsonl")
+    return done
+
+
 def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     base = project_dir()
     cfg = absolute_paths(config_from_run_config(run_config, str(base)), base)
+    if cfg.serve_from:
+        return {"onboarded": serve(grid, cfg)}
     check_global_test(cfg)
     results = ResultsWriter(cfg)
     log(INFO, "[fedcoe] config %s validated; results go to %s", cfg.config_path or "(defaults)", results.dir)

@@ -4,6 +4,7 @@ and checkpoints. Algorithm logic lives in ``fedcoe_flwr.algorithms``."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from logging import ERROR, INFO, WARNING
@@ -24,6 +25,7 @@ from .models import pick_device
 from .records import (ARRAYS, CONFIG, EXPERIMENT, METRICS, array_bytes, config_record,
                       experiment_record, from_array_record, to_array_record)
 from .results import ResultsWriter
+from . import onboard as onb
 
 # Model-defining keys a resumed run must share with its checkpoint.
 RESUME_KEYS = ("algorithm", "model", "num_experts", "dataset", "num_clients", "num_coldstart_clients",
@@ -75,6 +77,89 @@ def summarise_personalised(accs: list[float], weights: list[int]) -> dict[str, f
             "personalized_accuracy_p10": float(np.percentile(a, 10))}
 
 
+ONBOARD_JOIN_ALGORITHMS = ("fedcoe", "fedavg", "fedprox")  # no per-client server state but FedCoE's rows
+
+
+class Onboarder:
+    """Flower glue of onboarding (the maths is in ``fedcoe_flwr.onboard``): sends nodes the
+    cold-start package as a ``query.onboard`` message, checks that each reply carries only
+    the routing row and metrics, and appends one registry line per node to
+    ``<run_dir>/onboarding.jsonl``. Used during training (MoEStrategy) and by the serving mode."""
+
+    def __init__(self, cfg: ExperimentConfig, run_dir: str | Path, mode: str):
+        self.cfg, self.run_dir, self.mode = cfg, Path(run_dir), mode
+        self.algorithm = get_algorithm(cfg.algorithm)
+        self.entries: list[dict[str, Any]] = []
+
+    def onboard(self, grid: Grid, nodes: Mapping[int, Mapping[str, Any]], state: ServerState,
+                package_round: int, phase: str, decide: Any = None) -> list[dict[str, Any]]:
+        """Onboard ``nodes`` (node id -> what is known of it: its profile, if asked) with the
+        package built from ``state``; ``decide(entry)`` may add to an entry before it is
+        written to the registry. Returns the registry entries."""
+        if not nodes:
+            return []
+        try:
+            package, pconfig = onb.coldstart_package(self.algorithm, state, self.cfg)
+        except onb.OnboardingError as err:
+            log(WARNING, "[onboard] %s", err)
+            return []
+        crc = onb.package_crc(package)
+        config = {**pconfig, "server_round": package_round, "package_round": package_round, "package_crc": crc,
+                  "run_name": self.cfg.resolved_run_name}
+        content = RecordDict({ARRAYS: to_array_record(package), CONFIG: config_record(config),
+                              EXPERIMENT: experiment_record(self.cfg)})
+        msgs = [Message(content=content, dst_node_id=n, message_type="query.onboard") for n in nodes]
+        sent_at = time.time()
+        log(INFO, "[onboard] %s: sending the cold-start package (%d arrays, %.1f kB, crc %d) to %d new node(s): %s",
+            phase, len(package), array_bytes(package) / 1e3, crc, len(msgs), sorted(nodes))
+        by_node: dict[int, Message] = {}
+        errors: list[str] = []
+        for r in grid.send_and_receive(msgs, timeout=self.cfg.round_timeout):
+            if r.has_error():  # error replies come from the SuperLink (src 1), not from the node
+                errors.append(str(r.error))
+            else:
+                by_node[int(r.metadata.src_node_id)] = r
+        out = []
+        k = self.cfg.num_experts if self.cfg.algorithm == "fedcoe" else None
+        for node in sorted(nodes):
+            reply = by_node.get(node)
+            entry: dict[str, Any] = {
+                "node_id": int(node), "time": round(time.time(), 3),
+                "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "mode": self.mode, "phase": phase,
+                "run_name": self.cfg.resolved_run_name, "algorithm": self.cfg.algorithm,
+                "package_round": package_round, "package_crc": crc, "package_bytes": array_bytes(package),
+                "profile": dict(nodes[node])}
+            if reply is None:
+                entry.update(status="failed", error="; ".join(errors) or "no reply within round_timeout")
+                log(WARNING, "[onboard] node %d was not onboarded: %s", node, entry["error"])
+            else:
+                arrays_n, configs_n = len(reply.content.array_records), len(reply.content.config_records)
+                metrics = dict(reply.content.metric_records.get(METRICS, {}))
+                row = metrics.get("routing_row")
+                reason = onb.check_reply(metrics, list(row) if row is not None else None, k, arrays_n, configs_n)
+                entry["reply_records"] = {"arrays": list(reply.content.array_records),
+                                          "configs": list(reply.content.config_records),
+                                          "metrics": sorted(metrics)}
+                entry["reply_payload_bytes"] = len(json.dumps(metrics).encode())
+                entry["round_trip_s"] = round(time.time() - sent_at, 3)
+                if reason:
+                    entry.update(status="rejected", error=reason)
+                    log(WARNING, "[onboard] reply of node %d rejected: %s", node, reason)
+                else:
+                    entry.update(status="onboarded", routing_row=[float(v) for v in row] if row is not None else None,
+                                 metrics={key: v for key, v in metrics.items() if key != "routing_row"})
+                    acc = metrics.get("coldstart_accuracy")
+                    log(INFO, "[onboard] node %d onboarded in %.1fs: routing row %s, cold-start accuracy %s", node,
+                        entry["round_trip_s"], None if row is None else [round(float(v), 3) for v in row],
+                        "n/a (no labelled test images)" if acc is None else f"{acc:.4f}")
+            if decide is not None:
+                decide(entry)
+            onb.append_registry(self.run_dir, entry)
+            self.entries.append(entry)
+            out.append(entry)
+        return out
+
+
 class MoEStrategy(Strategy):
     """One Strategy for every method: per-client payloads (FedCoE sends each client
     only its expert set), replies validated before the method aggregates them."""
@@ -98,6 +183,12 @@ class MoEStrategy(Strategy):
         self._global_test: tuple[torch.Tensor, torch.Tensor] | None = None
         self._last_eval: dict[str, Any] = {}
         self._train_bytes_down = 0
+        self._round_started = 0.0
+        self._known_nodes: set[int] = set()  # every node id seen (answered discovery or onboarded)
+        self._pending: dict[int, dict[str, Any]] = {}  # found at discovery, onboarded before round 1
+        self.joined: dict[int, int] = {}  # client index -> node id of onboarded nodes that train
+        self._has_trained: set[int] = set()
+        self.onboarder = Onboarder(cfg, results.dir, "training")
 
     # ------------------------------------------------------------ checkpoints
     def checkpoint_payload(self) -> dict[str, Any]:
@@ -131,6 +222,7 @@ class MoEStrategy(Strategy):
         msgs = [Message(content=RecordDict({EXPERIMENT: experiment_record(self.cfg)}), dst_node_id=n,
                         message_type="query.profile") for n in node_ids]
         seen: dict[int, int] = {}
+        extra: dict[int, dict[str, Any]] = {}  # new sites / surplus cold-start nodes: onboarded, not counted
         for reply in grid.send_and_receive(msgs, timeout=self.cfg.round_timeout):
             if reply.has_error():
                 log(WARNING, "node did not answer the profile query: %s", reply.error)
@@ -143,18 +235,78 @@ class MoEStrategy(Strategy):
                     f"num_clients + num_coldstart_clients = {self.cfg.num_clients} + "
                     f"{self.cfg.num_coldstart_clients} = {want}. Run with --federation-config "
                     f"\"num-supernodes={want}\" or change num_clients/num_coldstart_clients.")
-            seen[pid] = reply.metadata.src_node_id
+            node = int(reply.metadata.src_node_id)
+            if self.cfg.onboard_new_nodes and (pid < 0 or (pid >= self.cfg.num_clients and pid in seen)):
+                extra[node] = dict(info)
+                continue
+            seen[pid] = node
         missing = sorted(set(range(want)) - set(seen))
-        if len(node_ids) != want or missing:
+        if len(node_ids) - len(extra) != want or missing:
             raise FederationError(
                 f"the federation has {len(node_ids)} nodes but the config needs {want} "
                 f"({self.cfg.num_clients} training + {self.cfg.num_coldstart_clients} cold-start); "
                 f"missing partitions {missing[:10]}. In simulation run "
                 f"flwr run . --federation-config \"num-supernodes={want}\", or set num_clients and "
                 f"num_coldstart_clients to match the nodes you have.")
+        self._known_nodes = set(int(n) for n in node_ids)
+        self._pending = extra
         self.node_of = seen
         log(INFO, "[fedcoe] %d nodes: partitions 0..%d train, %d..%d cold start", want,
             self.cfg.num_clients - 1, self.cfg.num_clients, want - 1)
+
+    def check_new_nodes(self, grid: Grid, package_round: int, phase: str) -> list[dict[str, Any]]:
+        """Onboard SuperNodes that joined since discovery (or were set aside by it): a node
+        never seen answers the profile query; a training site back under a new node id is
+        addressed under that id from now on; anything else gets the cold-start package built
+        from the current state (= checkpoint ``package_round``) and, with
+        ``coldstart_join_training``, trains from the next round on."""
+        if not self.cfg.onboard_new_nodes:
+            return []
+        new = sorted(int(n) for n in grid.get_node_ids() if int(n) not in self._known_nodes)
+        candidates = dict(self._pending)
+        self._pending = {}
+        if new:
+            self._known_nodes.update(new)
+            query = [Message(content=RecordDict({EXPERIMENT: experiment_record(self.cfg)}), dst_node_id=n,
+                             message_type="query.profile") for n in new]
+            for reply in grid.send_and_receive(query, timeout=self.cfg.round_timeout):
+                if reply.has_error():
+                    log(WARNING, "[onboard] a new node did not answer the profile query: %s", reply.error)
+                    continue
+                info = dict(reply.content.config_records[CONFIG])
+                node, pid = int(reply.metadata.src_node_id), int(info["partition-id"])
+                if 0 <= pid < self.cfg.num_clients and not info.get("cold-start"):
+                    log(INFO, "[onboard] training client %d is back as node %d (was %s)", pid, node,
+                        self.node_of.get(pid))
+                    self.node_of[pid] = node
+                    continue
+                candidates[node] = info
+        if not candidates:
+            return []
+        log(INFO, "[onboard] %s: %d node(s) joined the running federation: %s", phase, len(candidates),
+            sorted(candidates))
+        return self.onboarder.onboard(grid, candidates, self.state, package_round, phase, decide=self.join_training)
+
+    def join_training(self, entry: dict[str, Any]) -> None:
+        """An onboarded node with labelled training images becomes a training client (a new
+        client index after the configured ones) when ``coldstart_join_training`` is set."""
+        if not self.cfg.coldstart_join_training or entry.get("status") != "onboarded":
+            return
+        if not entry.get("metrics", {}).get("can_train"):
+            log(INFO, "[onboard] node %d has no labelled training images: it stays a cold-start node",
+                entry["node_id"])
+            return
+        if self.cfg.algorithm not in ONBOARD_JOIN_ALGORITHMS:
+            log(WARNING, "[onboard] coldstart_join_training is supported for %s, not %s: node %d does not train",
+                ", ".join(ONBOARD_JOIN_ALGORITHMS), self.cfg.algorithm, entry["node_id"])
+            return
+        index = max([self.cfg.num_partitions - 1, *self.joined]) + 1
+        self.joined[index] = entry["node_id"]
+        self.node_of[index] = entry["node_id"]
+        self.state = ServerState(self.state.arrays, onb.grow_client_rows(self.state.extra, index + 1,
+                                                                         self.cfg.num_experts))
+        entry["joined_as_client"] = index
+        log(INFO, "[onboard] node %d joins training as client %d from the next round on", entry["node_id"], index)
 
     def _message(self, client: int, message_type: str, arrays: Mapping[str, torch.Tensor],
                  config: Mapping[str, Any]) -> Message:
@@ -170,6 +322,10 @@ class MoEStrategy(Strategy):
     # ------------------------------------------------------------ training
     def sample_clients(self) -> list[int]:
         n = self.cfg.num_clients
+        if self.joined:  # onboarded nodes that train: sampled like everyone else
+            pool = list(range(n)) + sorted(self.joined)
+            k = max(1, int(round(self.cfg.fraction_train * len(pool))))
+            return sorted(int(c) for c in self.rng.choice(pool, size=k, replace=False)) if k < len(pool) else pool
         k = max(1, int(round(self.cfg.fraction_train * n)))
         return sorted(int(c) for c in self.rng.choice(n, size=k, replace=False)) if k < n else list(range(n))
 
@@ -177,10 +333,13 @@ class MoEStrategy(Strategy):
                         grid: Grid) -> Iterable[Message]:
         self._sent = {}
         self._train_bytes_down = 0
+        self._round_started = time.time()
         msgs = []
         for client in self.sample_clients():
             payload, pconfig = self.algorithm.train_payload(self.state, self.cfg, client, server_round)
             pconfig = {**pconfig, "server_round": server_round}
+            if client in self.joined:
+                pconfig["joined"] = True  # an onboarded cold-start node allowed to train
             self._sent[client] = (self.node_of[client], payload, pconfig)
             self._train_bytes_down += array_bytes(payload, relayed=False)
             msgs.append(self._message(client, "train", payload, pconfig))
@@ -214,6 +373,7 @@ class MoEStrategy(Strategy):
                 continue
             valid.append(Reply(client, int(metrics["num_samples"]), arrays, metrics))
         valid.sort(key=lambda r: r.client_index)  # aggregation order must not depend on arrival
+        self._has_trained.update(r.client_index for r in valid)
         failed = sorted(set(self._sent) - answered)
         for client in failed:
             log(WARNING, "[round %d] client %d (node %d) failed or timed out; left out", server_round,
@@ -234,7 +394,8 @@ class MoEStrategy(Strategy):
                   "replies": len(valid), "failed": failed, "rejected": sorted(rejected),
                   "train_bytes_down": self._train_bytes_down,
                   "bytes_down_total": self.comm["bytes_down"], "bytes_up_total": self.comm["bytes_up"],
-                  **diagnostics}
+                  "started_at": self._round_started, "aggregated_at": time.time(),
+                  "time_s": time.time() - self._round_started, **diagnostics}
         self.round_log.append(record)
         self.results.log_round(record)
         return None, MetricRecord({"train_loss": loss})
@@ -246,7 +407,8 @@ class MoEStrategy(Strategy):
         model needs the training clients' private parts first, the cold-start clients."""
         msgs = []
         clients_global = not self.algorithm.has_global_model
-        for client in range(self.cfg.num_clients):
+        joined = sorted(c for c in self.joined if c in self._has_trained)  # evaluated once they trained
+        for client in list(range(self.cfg.num_clients)) + joined:
             payload, pconfig = self.algorithm.eval_payload(self.state, self.cfg, client)
             msgs.append(self._message(client, "evaluate", payload,
                                       {**pconfig, "server_round": server_round, "global_test": clients_global}))
@@ -356,6 +518,7 @@ class MoEStrategy(Strategy):
                 t0 = time.time()
                 log(INFO, "")
                 log(INFO, "[ROUND %d/%d]", server_round, self.cfg.num_rounds)
+                self.check_new_nodes(grid, self.round, f"before round {server_round}")
                 replies = grid.send_and_receive(
                     self.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid),
                     timeout=self.cfg.round_timeout)
@@ -363,7 +526,9 @@ class MoEStrategy(Strategy):
                 last = self.round_log[-1]
                 log(INFO, "[round %d] train_loss=%.4f replies=%d/%d (%.1fs)", server_round, last["train_loss"],
                     last["replies"], last["clients"], time.time() - t0)
-                if server_round % self.cfg.eval_every == 0 or server_round == self.cfg.num_rounds:
+                if self.cfg.eval_every and (server_round % self.cfg.eval_every == 0
+                                            or server_round == self.cfg.num_rounds):
+                    self.check_new_nodes(grid, server_round, f"after round {server_round} training")
                     record = self.evaluate(server_round, grid)
                     self.history.append(record)
                     self.results.log_metrics(record)
