@@ -52,6 +52,19 @@ def check_global_test(cfg: ExperimentConfig) -> None:
                         ".tar.gz with test/<class>/* on the SuperLink host (see docs/DEPLOYMENT.md).") from err
 
 
+def check_partitions(cfg: ExperimentConfig) -> None:
+    """Where the server holds the data set (simulation, research-mode deployment), draw the
+    partitions now: an impossible one (e.g. min_partition_size at a small alpha) stops the
+    run before round 1 with the keys to change, not as a failure in every client."""
+    from .data import DataError, client_splits, load_dataset
+
+    try:
+        load_dataset(cfg)
+    except DataError:
+        return  # a deployment whose sites hold their own data: nothing to partition here
+    client_splits(cfg)
+
+
 def serve(grid: Grid, serving: ExperimentConfig) -> list[dict[str, Any]]:
     """Serving mode: no training. Load a finished run's checkpoint and onboard every SuperNode
     that connects (the cold-start package, its routing row and metrics back, one line per node
@@ -95,6 +108,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     if cfg.serve_from:
         return {"onboarded": serve(grid, cfg)}
     check_global_test(cfg)
+    check_partitions(cfg)
     results = ResultsWriter(cfg)
     log(INFO, "[fedcoe] config %s validated; results go to %s", cfg.config_path or "(defaults)", results.dir)
     if results.previous_run:

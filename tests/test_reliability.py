@@ -312,3 +312,18 @@ def test_correlation_shares_sum_to_one_respect_the_cap_and_ignore_order(num_samp
             assert shares.max() <= max(cap, 1.0 / len(n)) + 1e-9  # no client owns an expert
         order = rng.permutation(len(n))
         np.testing.assert_allclose(expert_weights(n[order], corr[order], k, cfg), shares[order], atol=1e-9)
+
+
+def test_invalid_partition_is_refused_before_training_with_the_keys_to_change(tmp_path):
+    """flwr-datasets gives up on an impossible Dirichlet draw; the server finds that out
+    before round 1 (check_partitions) and names the keys, instead of every client failing."""
+    from fedcoe_flwr.config import from_dict
+    from fedcoe_flwr.data import DataError
+    from fedcoe_flwr.server import check_partitions
+
+    cfg = from_dict({"dataset": "synthetic", "synthetic_train_size": 300, "synthetic_num_classes": 4,
+                     "image_size": 8, "num_clients": 8, "num_coldstart_clients": 2, "partition": "dirichlet",
+                     "dirichlet_alpha": 0.05, "min_partition_size": 25, "cache_dir": str(tmp_path)})
+    with pytest.raises(DataError, match=r"min_partition_size \(25\).*dirichlet_alpha \(0.05\)"):
+        check_partitions(cfg)
+    check_partitions(cfg.replace(min_partition_size=5, dirichlet_alpha=1.0))  # a possible one passes
