@@ -40,7 +40,7 @@ from .config import ExperimentConfig
 from .data import (ClientData, DataError, federation_classes, is_coldstart, load_client_data,
                    load_global_test, load_site_data)
 from .models import pick_device
-from .records import (ARRAYS, CONFIG, EXPERIMENT, METRICS, config_record, experiment_from_record,
+from .records import (ARRAYS, CONFIG, EXPERIMENT, METRICS, config_record, experiment_from_record, tensors_crc,
                       from_array_record, metric_record, to_array_record)
 
 log = logging.getLogger(__name__)
@@ -208,14 +208,7 @@ def client_data(cfg: ExperimentConfig, role: NodeRole, index: int) -> ClientData
 # ------------------------------------------------------------------ node-local private state
 def state_checksum(arrays: Mapping[str, torch.Tensor] | None) -> int | None:
     """CRC-32 over the keys, dtypes, shapes and bytes of a state dict (None for no state)."""
-    if arrays is None:
-        return None
-    crc = 0
-    for key in sorted(arrays):
-        t = arrays[key].detach().cpu().contiguous()
-        crc = zlib.crc32(f"{key}|{t.dtype}|{tuple(t.shape)}".encode(), crc)
-        crc = zlib.crc32(t.reshape(-1).view(torch.uint8).numpy().tobytes(), crc)
-    return crc
+    return None if arrays is None else tensors_crc(arrays)
 
 
 def _safe(name: str) -> str:

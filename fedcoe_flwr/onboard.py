@@ -23,7 +23,6 @@ import json
 import math
 import os
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 
 from .config import ExperimentConfig, from_dict
+from .records import tensors_crc
 from .data import IMAGE_SUFFIXES, ClientData, DataError, federation_classes, to_tensor_images
 
 BUNDLE_FORMAT = 1
@@ -56,14 +56,9 @@ class OnboardingError(RuntimeError):
 
 # ------------------------------------------------------------------ server side: the package
 def package_crc(arrays: Mapping[str, torch.Tensor]) -> int:
-    """CRC-32 over keys, dtypes, shapes and bytes: the same package gives the same number
-    on the server, on the node and in a test that rebuilds it from a checkpoint."""
-    crc = 0
-    for key in sorted(arrays):
-        t = arrays[key].detach().cpu().contiguous()
-        crc = zlib.crc32(f"{key}|{t.dtype}|{tuple(t.shape)}".encode(), crc)
-        crc = zlib.crc32(t.reshape(-1).view(torch.uint8).numpy().tobytes(), crc)
-    return crc
+    """The package's CRC-32: the same package gives the same number on the server, on the
+    node and in a test that rebuilds it from a checkpoint."""
+    return tensors_crc(arrays)
 
 
 def coldstart_package(algorithm: Any, state: Any, cfg: ExperimentConfig

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from typing import Any, Mapping
 
 import torch
@@ -13,6 +14,17 @@ EXPERIMENT = "experiment"  # the validated ExperimentConfig, sent with every mes
 ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
+
+
+def tensors_crc(arrays: Mapping[str, torch.Tensor]) -> int:
+    """CRC-32 over keys, dtypes, shapes and bytes: the same tensors give the same number on
+    the server, on a node and in a test that rebuilds them (a value to compare, not a log line)."""
+    crc = 0
+    for key in sorted(arrays):
+        t = arrays[key].detach().cpu().contiguous()
+        crc = zlib.crc32(f"{key}|{t.dtype}|{tuple(t.shape)}".encode(), crc)
+        crc = zlib.crc32(t.reshape(-1).view(torch.uint8).numpy().tobytes(), crc)
+    return crc
 
 
 def to_array_record(arrays: Mapping[str, torch.Tensor]) -> ArrayRecord:
