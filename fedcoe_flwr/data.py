@@ -199,6 +199,47 @@ def _write_npz_atomic(path: Path, data: ImageData) -> None:
     os.replace(tmp, path)
 
 
+def _mmap_npz(path: Path) -> dict[str, np.ndarray] | None:
+    """The members of an uncompressed .npz (what ``np.savez`` writes) as read-only memory
+    maps: every process (each Ray actor) maps the same page-cache pages instead of reading
+    and holding its own copy of the whole data set, and touches only the images it
+    indexes. None when a member is compressed or not a plain array (then np.load)."""
+    import zipfile
+
+    out: dict[str, np.ndarray] = {}
+    with zipfile.ZipFile(path) as zf, open(path, "rb") as fh:
+        for info in zf.infolist():
+            if info.compress_type != zipfile.ZIP_STORED or not info.filename.endswith(".npy"):
+                return None
+            fh.seek(info.header_offset)
+            local = fh.read(30)
+            if local[:4] != b"PK\x03\x04":
+                return None
+            name_len, extra_len = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
+            fh.seek(info.header_offset + 30 + name_len + extra_len)
+            version = np.lib.format.read_magic(fh)
+            shape, fortran, dtype = (np.lib.format.read_array_header_1_0(fh) if version == (1, 0)
+                                     else np.lib.format.read_array_header_2_0(fh))
+            if dtype.hasobject:
+                return None
+            name = info.filename[:-4]
+            if int(np.prod(shape)) == 0:
+                out[name] = np.zeros(shape, dtype=dtype)
+                continue
+            out[name] = np.memmap(path, dtype=dtype, mode="r", offset=fh.tell(), shape=shape,
+                                  order="F" if fortran else "C")
+    return out
+
+
+def _read_npz(path: Path) -> ImageData:
+    arrays = _mmap_npz(path)
+    if arrays is None:
+        with np.load(path) as z:
+            arrays = {k: z[k] for k in z.files}
+    return ImageData(arrays["train_x"], np.asarray(arrays["train_y"]), arrays["test_x"],
+                     np.asarray(arrays["test_y"]), [str(c) for c in arrays["class_names"]])
+
+
 def _data_root(cfg: ExperimentConfig) -> Path:
     return Path(os.path.expanduser(cfg.data_root or "data"))
 
@@ -212,9 +253,7 @@ def _load_dataset_cached(cfg_key: tuple) -> ImageData:
     cache = Path(cfg.cache_dir) / f"{cfg.dataset}-{_source_key(cfg, root)}.npz"
     if cache.is_file():
         try:
-            with np.load(cache) as z:
-                return ImageData(z["train_x"], z["train_y"], z["test_x"], z["test_y"],
-                                 [str(c) for c in z["class_names"]])
+            return _read_npz(cache)  # memory-mapped: shared by every process on the machine
         except Exception as err:  # corrupt cache: rebuild it rather than fail
             log.warning("cache '%s' is unreadable (%s); decoding the source again", cache, err)
     if cfg.dataset == "imagefolder" or is_image_folder_source(root):
@@ -283,38 +322,91 @@ PARTITION_KEYS = DATA_KEYS + ("num_clients", "num_coldstart_clients", "partition
                               "train_subset")
 
 
-@lru_cache(maxsize=4)
-def _client_splits_cached(cfg_key: tuple) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+def _shard_bounds(n: int, num_shards: int, index: int) -> tuple[int, int]:
+    """Rows of contiguous shard ``index`` of ``n`` rows, exactly as Hugging Face's
+    ``Dataset.shard(num_shards, index, contiguous=True)`` (what IidPartitioner calls)."""
+    div, mod = divmod(n, num_shards)
+    start = div * index + min(index, mod)
+    return start, start + div + (1 if index < mod else 0)
+
+
+def _partition_rows(cfg: ExperimentConfig, labels: np.ndarray) -> list[np.ndarray]:
+    """Every partition's row indices into ``labels`` (the pool), in flwr-datasets' order.
+    IID shards are computed directly (no data set built, no per-partition ``select``);
+    Dirichlet and pathological partitions are determined once by the partitioner and
+    read from its index table instead of materialising 1000 ``select()`` data sets."""
+    n = cfg.num_partitions
+    if cfg.partition not in ("dirichlet", "pathological"):
+        return [np.arange(*_shard_bounds(len(labels), n, pid), dtype=np.int64) for pid in range(n)]
     from datasets import Dataset
 
-    cfg = ExperimentConfig(**dict(cfg_key))
-    data = load_dataset(cfg)
-    pool = np.arange(len(data.train_y))
-    if cfg.train_subset and cfg.train_subset < len(pool):
-        pool = np.sort(np.random.default_rng(cfg.seed).permutation(pool)[: cfg.train_subset])
-    labels = data.train_y
-    table = Dataset.from_dict({"label": labels[pool].tolist(), "idx": pool.tolist()})
     partitioner = _partitioner(cfg)
-    partitioner.dataset = table
-    splits = []
+    partitioner.dataset = Dataset.from_dict({"label": labels.tolist()})
     with warnings.catch_warnings():
         # the Dirichlet partitioner warns on every resampling until min_partition_size holds
         warnings.filterwarnings("ignore", message=".*min_partition_size.*", category=UserWarning)
-        partitioner.load_partition(0)
-    for pid in range(cfg.num_partitions):
-        part = np.asarray(partitioner.load_partition(pid)["idx"], dtype=np.int64)
-        if len(part) < 2:
-            raise DataError(f"partition {pid} got {len(part)} images; use fewer clients, a larger "
-                            f"data set or a larger dirichlet_alpha ({cfg.dirichlet_alpha})")
-        rng = np.random.default_rng([cfg.seed, pid])
-        splits.append(stratified_split(part, labels, cfg.test_fraction, rng))
-    return tuple(splits)
+        try:
+            partitioner.load_partition(0)
+        except ValueError as err:  # flwr-datasets gives up resampling: say which keys to change
+            raise DataError(
+                f"partition '{cfg.partition}' of {len(labels)} samples into {n} clients failed ({err}). "
+                f"Lower min_partition_size ({cfg.min_partition_size}), raise dirichlet_alpha "
+                f"({cfg.dirichlet_alpha}), use fewer clients or more data (train_subset={cfg.train_subset}).") from err
+    table = getattr(partitioner, "_partition_id_to_indices", None)
+    if isinstance(table, dict) and len(table) == n:
+        return [np.asarray(table[pid], dtype=np.int64) for pid in range(n)]
+    # another flwr-datasets version: the public (slower) way
+    partitioner.dataset = Dataset.from_dict({"label": labels.tolist(), "row": list(range(len(labels)))})
+    return [np.asarray(partitioner.load_partition(pid)["row"], dtype=np.int64) for pid in range(n)]
+
+
+class _Splits:
+    """The partitions of one federation, determined once per process; each client's
+    80/20 split is computed the first time that client asks (a Ray actor serving 50 of
+    1000 clients splits 50, not 1000)."""
+
+    def __init__(self, cfg: ExperimentConfig):
+        data = load_dataset(cfg)
+        pool = np.arange(len(data.train_y))
+        if cfg.train_subset and cfg.train_subset < len(pool):
+            pool = np.sort(np.random.default_rng(cfg.seed).permutation(pool)[: cfg.train_subset])
+        self.labels, self.seed, self.test_fraction = data.train_y, cfg.seed, cfg.test_fraction
+        self.parts = [pool[rows] for rows in _partition_rows(cfg, data.train_y[pool])]
+        for pid, part in enumerate(self.parts):
+            if len(part) < 2:
+                raise DataError(f"partition {pid} got {len(part)} images; use fewer clients, a larger "
+                                f"data set or a larger dirichlet_alpha ({cfg.dirichlet_alpha})")
+        self._splits: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+    def __getitem__(self, pid: int) -> tuple[np.ndarray, np.ndarray]:
+        if pid not in self._splits:
+            rng = np.random.default_rng([self.seed, pid])
+            self._splits[pid] = stratified_split(self.parts[pid], self.labels, self.test_fraction, rng)
+        return self._splits[pid]
+
+
+@lru_cache(maxsize=4)
+def _client_splits_cached(cfg_key: tuple) -> _Splits:
+    return _Splits(ExperimentConfig(**dict(cfg_key)))
+
+
+def _splits(cfg: ExperimentConfig) -> _Splits:
+    return _client_splits_cached(tuple((k, getattr(cfg, k)) for k in PARTITION_KEYS))
 
 
 def client_splits(cfg: ExperimentConfig) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
     """(train indices, test indices) into the training arrays for every partition id;
     ids >= num_clients are the cold-start clients."""
-    return _client_splits_cached(tuple((k, getattr(cfg, k)) for k in PARTITION_KEYS))
+    splits = _splits(cfg)
+    return tuple(splits[pid] for pid in range(len(splits)))
+
+
+def client_split(cfg: ExperimentConfig, partition_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """One client's (train indices, test indices); only this client's split is computed."""
+    return _splits(cfg)[partition_id]
 
 
 def is_coldstart(cfg: ExperimentConfig, partition_id: int) -> bool:
@@ -349,7 +441,7 @@ def normalize(x_uint8: torch.Tensor) -> torch.Tensor:
 def _client_data_cached(cfg_key: tuple, partition_id: int) -> ClientData:
     cfg = ExperimentConfig(**dict(cfg_key))
     data = load_dataset(cfg)
-    train_idx, test_idx = client_splits(cfg)[partition_id]
+    train_idx, test_idx = client_split(cfg, partition_id)
     return ClientData(to_tensor_images(data.train_x[train_idx]), torch.from_numpy(data.train_y[train_idx]),
                       to_tensor_images(data.train_x[test_idx]), torch.from_numpy(data.train_y[test_idx]))
 
