@@ -327,3 +327,15 @@ def test_invalid_partition_is_refused_before_training_with_the_keys_to_change(tm
     with pytest.raises(DataError, match=r"min_partition_size \(25\).*dirichlet_alpha \(0.05\)"):
         check_partitions(cfg)
     check_partitions(cfg.replace(min_partition_size=5, dirichlet_alpha=1.0))  # a possible one passes
+
+
+def test_reject_checks_norms_only_of_what_comes_back():
+    """A payload may carry parts the client only reads (FedMoE-DA's relayed experts): the norm
+    check compares the uploaded keys with their payload values and ignores the rest."""
+    from fedcoe_flwr.strategy import validate_reply
+
+    payload = {"w": torch.ones(3), "relay.0.w": torch.ones(3)}
+    expected = {"w": ((3,), torch.float32)}
+    assert validate_reply({"w": torch.ones(3) * 1.1}, {"num_samples": 4}, expected, payload, 10.0) is None
+    reason = validate_reply({"w": torch.ones(3) * 1e6}, {"num_samples": 4}, expected, payload, 10.0)
+    assert reason is not None and "norm" in reason
