@@ -86,6 +86,7 @@ class ExperimentConfig:
     load_balance_weight: float = 0.01  # lambda
     prox_mu: float = 0.01  # mu (FedProx, FedCoE)
     local_part: str = "head"
+    shared_trunk: bool = False  # experts share one trunk (averaged like FedAvg) and differ in their heads
     local_gate: bool = True
     correlation_weighting: bool = True
     correlation_smoothing: float = 0.5
@@ -93,6 +94,7 @@ class ExperimentConfig:
     coldstart_adabn: bool = True
     coldstart_em: bool = True
     coldstart_top_m: bool = False
+    coldstart_prior: str = "predicted"  # EM's training prior: "predicted" (clients' mean predictions) | "uniform"
     # ---- onboarding new sites (fedcoe_flwr/onboard.py, docs/DEPLOYMENT.md) ---
     onboard_new_nodes: bool = True  # a SuperNode joining a running federation gets the cold-start package
     coldstart_join_training: bool = False  # ... and trains like any client from the next round on
@@ -150,6 +152,7 @@ CHOICES = {
     "local_part": LOCAL_PARTS,
     "device": DEVICES,
     "robust_aggregation": ("mean", "median", "trimmed_mean"),
+    "coldstart_prior": ("predicted", "uniform"),
 }
 
 

@@ -41,15 +41,25 @@ class SmallCNN(nn.Module):
         self.classifier = nn.Linear(hidden, num_classes)
         self.feature_dim = hidden
 
+    trunk_prefixes = ("conv1.", "conv2.")  # FedCoE's shared trunk: the convolutions
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return F.max_pool2d(F.relu(self.conv1(x)), 2)
 
     def features_from_embedding(self, h: torch.Tensor) -> torch.Tensor:
-        h = F.max_pool2d(F.relu(self.conv2(h)), 2)
+        return self.head_features(self.trunk_from_embedding(h))
+
+    def trunk_from_embedding(self, h: torch.Tensor) -> torch.Tensor:
+        return F.max_pool2d(F.relu(self.conv2(h)), 2)
+
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trunk_from_embedding(self.embed(x))
+
+    def head_features(self, h: torch.Tensor) -> torch.Tensor:
         return F.relu(self.fc1(h.flatten(1)))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features_from_embedding(self.embed(x))
+        return self.head_features(self.trunk(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
@@ -130,9 +140,18 @@ class ResNetMoE(nn.Module):
         self.blocks = nn.Sequential(*layers)
         self.classifier = nn.Linear(in_ch, num_classes)
         self.feature_dim = in_ch
+        # FedCoE's shared trunk: the stem and every stage but the last
+        self.split = len(layers) - blocks[-1]
+        self.trunk_prefixes = ("stem.",) + tuple(f"blocks.{i}." for i in range(self.split))
+
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks[:self.split](self.stem(x))
+
+    def head_features(self, h: torch.Tensor) -> torch.Tensor:
+        return self.blocks[self.split:](h).mean(dim=(2, 3))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(self.stem(x)).mean(dim=(2, 3))
+        return self.head_features(self.trunk(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))

@@ -184,7 +184,7 @@ def _fedcoe_bundle(package: Mapping[str, torch.Tensor], cfg: ExperimentConfig, u
     """Same steps, in the same order, as ``fedcoe.coldstart_evaluate``'s configured variant:
     route (gate row before AdaBN), top-m if configured, AdaBN, EM prior on the adapted model."""
     from .algorithms.common import predict_probs
-    from .algorithms.fedcoe import FedCoEModel, em_label_prior, expert_set, reestimate_batchnorm
+    from .algorithms.fedcoe import FedCoEModel, em_label_prior, expert_set, reestimate_batchnorm, training_prior
 
     model = FedCoEModel(cfg, num_classes, list(range(cfg.num_experts)), with_private=False)
     model.load_shared(package)
@@ -193,7 +193,7 @@ def _fedcoe_bundle(package: Mapping[str, torch.Tensor], cfg: ExperimentConfig, u
     if cfg.coldstart_top_m and cfg.experts_per_client < cfg.num_experts:
         model.expert_ids = expert_set(row.numpy(), cfg.experts_per_client, cfg.num_experts)
     adabn = bool(cfg.coldstart_adabn) and reestimate_batchnorm(model, unlabeled, cfg, device)
-    train_prior = torch.full((num_classes,), 1.0 / num_classes)
+    train_prior = training_prior(package, cfg, num_classes)
     prior = None
     if cfg.coldstart_em:
         pool = predict_probs(lambda x: model.mixture(x)[0], unlabeled, cfg, device)

@@ -106,6 +106,28 @@ class ResultsWriter:
         plt.close(fig)
         return path
 
+    def plot_correlation(self, correlation: Any, known: Any) -> Path | None:
+        """The client x expert correlation matrix at the end of the run (rows of clients
+        never trained are left blank)."""
+        import matplotlib
+        import numpy as np
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        matrix = np.where(np.asarray(known)[:, None], np.asarray(correlation, dtype=float), np.nan)
+        fig, ax = plt.subplots(figsize=(1.2 + 0.5 * matrix.shape[1], 1.5 + 0.25 * matrix.shape[0]))
+        image = ax.imshow(matrix, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+        ax.set_xlabel("expert")
+        ax.set_ylabel("client")
+        ax.set_xticks(range(matrix.shape[1]))
+        ax.set_title("correlation (mean gate prob.)")
+        fig.colorbar(image, ax=ax)
+        path = self.dir / "correlation.png"
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        return path
+
     # ---- checkpoints
     def save_checkpoint(self, payload: dict[str, Any], server_round: int) -> Path:
         path = self.checkpoint_dir / f"round-{server_round:05d}.pt"

@@ -37,6 +37,9 @@ class FederationError(RuntimeError):
     """The federation cannot go on (wrong node count, too few replies); says how to fix it."""
 
 
+PROBABILITY_VECTORS = ("correlation", "class_marginal")  # uploads that must be probability vectors
+
+
 def validate_reply(arrays: Mapping[str, torch.Tensor], metrics: Mapping[str, Any],
                    expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
                    payload: Mapping[str, torch.Tensor], max_norm_ratio: float) -> str | None:
@@ -56,10 +59,10 @@ def validate_reply(arrays: Mapping[str, torch.Tensor], metrics: Mapping[str, Any
     n = metrics.get("num_samples")
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         return f"num_samples must be a positive integer, got {n!r}"
-    if "correlation" in arrays:
-        row = arrays["correlation"]
-        if (row < 0).any() or abs(float(row.sum()) - 1.0) > 1e-3:
-            return f"correlation row is not a probability vector (sum {float(row.sum()):.4f})"
+    for key in PROBABILITY_VECTORS:
+        row = arrays.get(key)
+        if row is not None and ((row < 0).any() or abs(float(row.sum()) - 1.0) > 1e-3):
+            return f"{key} row is not a probability vector (sum {float(row.sum()):.4f})"
     if max_norm_ratio > 0:
         # only what the client sends back: a payload may also carry read-only parts (FedMoE-DA's relayed experts)
         for key, ref in ((k, payload[k]) for k in expected if k in payload):
@@ -454,14 +457,17 @@ class MoEStrategy(Strategy):
         self._last_eval = out
         return MetricRecord({k: v for k, v in out.items() if isinstance(v, (int, float))}) if out else None
 
-    def evaluate_global(self) -> float | None:
+    def evaluate_global(self) -> dict[str, Any]:
+        """The global model's accuracy on the global test set, plus the method's diagnostics."""
         predict = self.algorithm.global_predict(self.state, self.cfg, self.num_classes, self.device)
         if predict is None:
-            return None
+            return {}
         if self._global_test is None:
             self._global_test = load_global_test(self.cfg)
         x, y = self._global_test
-        return accuracy(predict, x, y, self.cfg, self.device)
+        return {"global_accuracy": accuracy(predict, x, y, self.cfg, self.device),
+                "global_accuracy_source": "global model",
+                **self.algorithm.global_diagnostics(self.state, self.cfg, self.num_classes, self.device, x, y)}
 
     def evaluate(self, server_round: int, grid: Grid) -> dict[str, Any]:
         replies = list(grid.send_and_receive(
@@ -479,10 +485,7 @@ class MoEStrategy(Strategy):
         self.aggregate_evaluate(server_round, replies)
         client_metrics = self._last_eval
         record: dict[str, Any] = {"round": server_round}
-        global_acc = self.evaluate_global()
-        if global_acc is not None:
-            record["global_accuracy"] = global_acc
-            record["global_accuracy_source"] = "global model"
+        record.update(self.evaluate_global())
         record.update(client_metrics)
         record.setdefault("global_accuracy", None)
         record.setdefault("personalized_accuracy", None)
@@ -536,6 +539,11 @@ class MoEStrategy(Strategy):
                     log(INFO, "[round %d] global=%s personalised=%s cold-start=%s", server_round,
                         _fmt(record["global_accuracy"]), _fmt(record["personalized_accuracy"]),
                         _fmt(record["coldstart_accuracy"]))
+                    diagnostics = {k: last[k] for k in DIAGNOSTICS if k in last}
+                    diagnostics.update({k: record[k] for k in DIAGNOSTICS if k in record})
+                    if diagnostics:
+                        log(INFO, "[round %d] diagnostics %s", server_round, json.dumps(
+                            {k: _round(v) for k, v in diagnostics.items()}))
                     self.results.write_summary("running", self.history, {"communication": self.comm})
                 self.round = server_round
                 self.results.save_checkpoint(self.checkpoint_payload(), server_round)
@@ -549,10 +557,20 @@ class MoEStrategy(Strategy):
                 "communication": self.comm, "rounds_completed": self.round,
                 "checkpoint": str(self.results.latest_checkpoint() or "")})
             self.results.plot(self.history)
+            if "correlation" in self.state.extra:
+                self.results.plot_correlation(self.state.extra["correlation"], self.state.extra["correlation_known"])
             if status == "finished":
                 self.results.save_final_state(self.checkpoint_payload())
         log(INFO, "[fedcoe] finished: results in %s", self.results.dir)
         return self.history[-1] if self.history else {}
+
+
+DIAGNOSTICS = ("expert_usage_entropy", "correlation_row_entropy", "correlation_spread",
+               "expert_max_client_share", "expert_global_accuracy")
+
+
+def _round(value: Any) -> Any:
+    return [round(v, 3) for v in value] if isinstance(value, list) else round(value, 3)
 
 
 def _fmt(value: float | None) -> str:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from fedcoe_flwr.algorithms.common import Reply, unprefixed
-from fedcoe_flwr.algorithms.fedcoe import (CORRELATION, GATE, FedCoE, FedCoEModel, aggregate_expert,
+from fedcoe_flwr.algorithms.fedcoe import (CLASS_MARGINAL, CORRELATION, GATE, TRAIN_PRIOR, FedCoE, FedCoEModel, aggregate_expert,
                                            aggregate_pool, cap_shares, coldstart_evaluate, em_label_prior,
                                            expert_prefix, expert_set, expert_weights, prior_correct,
                                            reestimate_batchnorm)
@@ -236,9 +236,11 @@ def test_train_payload_sends_only_the_expert_set_once_the_row_is_known(fedcoe_cf
     # a new (cold-start) client gets the whole pool
     cold, cold_cfg = algo.coldstart_payload(state, fedcoe_cfg)
     assert _expert_ids_in(cold) == [0, 1, 2] and cold_cfg["expert_ids"] == [0, 1, 2]
+    assert TRAIN_PRIOR in cold and TRAIN_PRIOR not in payload  # EM's training prior: new clients only
     expected = algo.expected_upload(payload, config, fedcoe_cfg)
     assert expected[CORRELATION] == ((3,), torch.float32)
-    assert set(expected) == set(payload) | {CORRELATION}
+    assert expected[CLASS_MARGINAL] == ((4,), torch.float32)
+    assert set(expected) == set(payload) | {CORRELATION, CLASS_MARGINAL}
 
 
 def test_aggregate_updates_rows_gate_and_experts(fedcoe_cfg):
@@ -249,17 +251,21 @@ def test_aggregate_updates_rows_gate_and_experts(fedcoe_cfg):
     state.extra["correlation_known"][1] = True
     old = clone(state.arrays)
 
-    def reply(client, delta, n, row, experts):
+    def reply(client, delta, n, row, experts, marginal):
         arrays = {}
         for key, value in old.items():
             if key.startswith(GATE) or any(key.startswith(expert_prefix(k)) for k in experts):
                 arrays[key] = value + delta if value.is_floating_point() else value + int(delta)
         arrays[CORRELATION] = torch.tensor(row, dtype=torch.float32)
+        arrays[CLASS_MARGINAL] = torch.tensor(marginal, dtype=torch.float32)
         return Reply(client, n, arrays)
 
     rows = {0: [0.6, 0.3, 0.1], 2: [0.25, 0.25, 0.5]}
-    replies = [reply(0, 1.0, 100, rows[0], [0, 1]), reply(2, 3.0, 300, rows[2], [0, 1])]
+    replies = [reply(0, 1.0, 100, rows[0], [0, 1], [1.0, 0, 0, 0]),
+               reply(2, 3.0, 300, rows[2], [0, 1], [0, 0.5, 0.5, 0])]
     new, diagnostics = algo.aggregate(state, replies, cfg, server_round=1)
+    # EM's training prior: the sample-weighted mean of the clients' mean predictions
+    np.testing.assert_allclose(new.extra["train_prior"], [0.25, 0.375, 0.375, 0.0], rtol=1e-6)
 
     # correlation rows: stored for repliers, kept for the others; input state untouched
     np.testing.assert_allclose(new.extra["correlation"][0], rows[0], rtol=1e-6)
@@ -310,8 +316,10 @@ def trained(fedcoe_cfg, cpu):
 def test_client_train_uploads_shared_parts_and_a_correlation_row(trained, fedcoe_cfg):
     payload, upload = trained["payload"], trained["upload"]
     assert trained["config"]["expert_ids"] == [0, 2]
-    assert set(upload) == set(payload) | {CORRELATION}
+    assert set(upload) == set(payload) | {CORRELATION, CLASS_MARGINAL}
     assert _expert_ids_in(upload) == [0, 2]
+    marginal = upload[CLASS_MARGINAL]
+    assert marginal.shape == (4,) and marginal.sum().item() == pytest.approx(1.0, abs=1e-5)
     row = upload[CORRELATION]
     assert row.shape == (3,) and row.dtype == torch.float32
     assert (row >= 0).all() and row.sum().item() == pytest.approx(1.0, abs=1e-5)
@@ -347,7 +355,7 @@ def test_client_train_without_local_part_has_no_private_state(make_cfg, cpu):
     payload, config = algo.train_payload(algo.init_state(cfg, 4), cfg, 1, 1)
     upload, private, _ = algo.client_train(payload, config, None, load_client_data(cfg, 1), cfg, 4, cpu, seed=0)
     assert private is None
-    assert set(upload) == set(payload) | {CORRELATION}
+    assert set(upload) == set(payload) | {CORRELATION, CLASS_MARGINAL}
 
 
 def test_client_predict_gives_probabilities(trained, fedcoe_cfg, cpu):
@@ -455,7 +463,7 @@ def test_coldstart_evaluate_changes_no_parameters_and_reports_variants(make_cfg,
     data = load_client_data(cfg, cfg.num_clients)  # the cold-start partition
     out = algo.client_coldstart(arrays, config, data, cfg, 4, cpu)
     assert_same(arrays, before)
-    assert_same({k: v for k, v in state.arrays.items()}, before)
+    assert_same(state.arrays, {k: v for k, v in before.items() if k != TRAIN_PRIOR})
     variants = {"coldstart_accuracy_plain", "coldstart_accuracy_em"}
     if norm == "batch":
         variants |= {"coldstart_accuracy_adabn", "coldstart_accuracy_adabn_em"}
@@ -479,3 +487,119 @@ def test_coldstart_accuracy_matches_a_direct_computation(make_cfg, cpu):
         acc = (predict(normalize(data.test_x)).argmax(1) == data.test_y).float().mean().item()
     assert out["coldstart_accuracy_plain"] == pytest.approx(acc)
     assert load_dataset(cfg).num_classes == 4
+
+
+# ============================================================== shared trunk, diagnostics, EM prior
+def test_shared_trunk_payload_holds_one_trunk_and_expert_heads(make_cfg, cpu):
+    cfg = make_cfg(model="cnn", shared_trunk=True, num_experts=3, norm="none")
+    algo = FedCoE()
+    state = algo.init_state(cfg, 4)
+    trunk_keys = {k for k in state.arrays if k.startswith("trunk.")}
+    assert trunk_keys == {"trunk.conv1.weight", "trunk.conv1.bias", "trunk.conv2.weight", "trunk.conv2.bias"}
+    for k in range(3):  # heads only: fc1 and the classifier, never a convolution
+        keys = {key[len(expert_prefix(k)):] for key in state.arrays if key.startswith(expert_prefix(k))}
+        assert keys == {"fc1.weight", "fc1.bias", "classifier.weight", "classifier.bias"}
+    payload, config = algo.train_payload(state, cfg, 0, 1)
+    data = load_client_data(cfg, 0)
+    upload, _, metrics = algo.client_train(payload, config, None, data, cfg, 4, cpu, seed=3)
+    assert validate_reply(upload, metrics, algo.expected_upload(payload, config, cfg), payload,
+                          cfg.max_update_norm_ratio) is None
+    assert not torch.equal(upload["trunk.conv1.weight"], payload["trunk.conv1.weight"])  # the trunk trains
+    # the mixture runs every expert head on the one trunk
+    model = FedCoEModel(cfg, 4, [0, 1, 2], with_private=False)
+    model.load_shared(state.arrays)
+    model.eval()
+    x = normalize(data.test_x[:5])
+    with torch.no_grad():
+        h = model.trunk.trunk(x)
+        g = model.gate_probs(x)
+        manual = sum(g[:, k:k + 1] * torch.softmax(model.expert[str(k)].classifier(
+            model.expert[str(k)].head_features(h)), 1) for k in range(3))
+        torch.testing.assert_close(model.mixture(x)[0], manual)
+
+
+def test_shared_trunk_is_averaged_by_samples(make_cfg):
+    cfg = make_cfg(model="cnn", shared_trunk=True, num_experts=2, norm="none")
+    algo = FedCoE()
+    state = algo.init_state(cfg, 4)
+    old = clone(state.arrays)
+
+    def reply(client, delta, n, row):
+        arrays = {k: v + delta for k, v in old.items()}
+        arrays[CORRELATION] = torch.tensor(row)
+        arrays[CLASS_MARGINAL] = torch.full((4,), 0.25)
+        return Reply(client, n, arrays)
+
+    new, _ = algo.aggregate(state, [reply(0, 1.0, 100, [0.9, 0.1]), reply(1, 5.0, 300, [0.1, 0.9])], cfg, 1)
+    for key in (k for k in old if k.startswith("trunk.")):  # (100 * 1 + 300 * 5) / 400, rows ignored
+        torch.testing.assert_close(new.arrays[key], old[key] + 4.0)
+
+
+def test_routing_diagnostics_by_hand():
+    from fedcoe_flwr.algorithms.fedcoe import routing_diagnostics
+    same = routing_diagnostics(np.array([[0.5, 0.5], [0.5, 0.5]]))
+    assert same["expert_usage_entropy"] == pytest.approx(1.0)
+    assert same["correlation_row_entropy"] == pytest.approx(1.0)
+    assert same["correlation_spread"] == pytest.approx(0.0)
+    split = routing_diagnostics(np.array([[1.0, 0.0], [0.0, 1.0]]))
+    assert split["expert_usage_entropy"] == pytest.approx(1.0)  # both experts used ...
+    assert split["correlation_row_entropy"] == pytest.approx(0.0, abs=1e-9)  # ... each by one client
+    assert split["correlation_spread"] == pytest.approx(0.5)
+    collapsed = routing_diagnostics(np.array([[1.0, 0.0], [1.0, 0.0]]))
+    assert collapsed["expert_usage_entropy"] == pytest.approx(0.0, abs=1e-9)
+    assert routing_diagnostics(np.zeros((0, 3))) == {"expert_usage": []}
+
+
+def test_global_diagnostics_score_each_expert_alone(make_cfg, cpu):
+    cfg = make_cfg(num_experts=2, norm="group")
+    algo = FedCoE()
+    state = algo.init_state(cfg, 4)
+    from fedcoe_flwr.data import load_global_test
+    x, y = load_global_test(cfg)
+    out = algo.global_diagnostics(state, cfg, 4, cpu, x, y)
+    model = FedCoEModel(cfg, 4, [0, 1], with_private=False)
+    model.load_shared(state.arrays)
+    model.eval()
+    with torch.no_grad():
+        direct = [(model.expert[str(k)](normalize(x)).argmax(1) == y).float().mean().item() for k in (0, 1)]
+    assert out["expert_global_accuracy"] == pytest.approx(direct)
+
+
+def test_em_needs_the_training_prior_the_pool_learned_under():
+    """Posteriors of a model trained under a skewed prior; a new client with another
+    skew. EM from the true training prior recovers the client's prior; assuming a
+    uniform training prior does not."""
+    rng = np.random.default_rng(0)
+    train_prior = torch.tensor([0.6, 0.3, 0.1])
+    q = np.array([0.1, 0.2, 0.7])
+    y = rng.choice(3, size=4000, p=q)
+    likelihood = np.array([[0.7, 0.2, 0.1], [0.2, 0.6, 0.2], [0.1, 0.2, 0.7]])  # p(x-bin | y)
+    bins = np.array([rng.choice(3, p=likelihood[c]) for c in y])
+    joint = likelihood.T * train_prior.numpy()  # p(bin, y) under training
+    posteriors = torch.tensor(joint[bins] / joint[bins].sum(1, keepdims=True), dtype=torch.float32)
+    right = em_label_prior(posteriors, train_prior, iters=1000)
+    wrong = em_label_prior(posteriors, torch.full((3,), 1 / 3), iters=1000)
+    np.testing.assert_allclose(right.numpy(), q, atol=0.05)
+    assert np.abs(wrong.numpy() - q).max() > 0.1
+
+
+def test_coldstart_reports_em_with_both_priors_when_they_differ(make_cfg, cpu):
+    from fedcoe_flwr.algorithms.fedcoe import training_prior
+    cfg = make_cfg(num_experts=2, norm="group")
+    algo = FedCoE()
+    state = algo.init_state(cfg, 4)
+    state.extra["train_prior"] = np.array([0.4, 0.3, 0.2, 0.1])
+    arrays, config = algo.coldstart_payload(state, cfg)
+    torch.testing.assert_close(training_prior(arrays, cfg, 4), torch.tensor([0.4, 0.3, 0.2, 0.1]))
+    out = algo.client_coldstart(arrays, config, load_client_data(cfg, cfg.num_clients), cfg, 4, cpu)
+    assert {"coldstart_accuracy_em", "coldstart_accuracy_em_uniform"} <= set(out)
+    uniform_cfg = cfg.replace(coldstart_prior="uniform")
+    assert TRAIN_PRIOR not in algo.coldstart_payload(state, uniform_cfg)[0]
+    torch.testing.assert_close(training_prior(arrays, uniform_cfg, 4), torch.full((4,), 0.25))
+
+
+def test_correlation_plot_is_written(make_cfg, tmp_path):
+    from fedcoe_flwr.results import ResultsWriter
+    writer = ResultsWriter(make_cfg(results_dir=str(tmp_path / "results")))
+    path = writer.plot_correlation(np.array([[0.7, 0.3], [0.2, 0.8], [0.5, 0.5]]), np.array([True, True, False]))
+    assert path.is_file() and path.stat().st_size > 1000

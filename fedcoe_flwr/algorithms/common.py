@@ -86,6 +86,11 @@ class Algorithm:
         """A function x -> class probabilities of the method's single global model."""
         return None
 
+    def global_diagnostics(self, state: ServerState, cfg: ExperimentConfig, num_classes: int,
+                           device: torch.device, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+        """Extra per-evaluation figures on the global test set (FedCoE: each expert alone)."""
+        return {}
+
     # ---- client side ---------------------------------------------------------
     def client_train(self, arrays: Arrays, config: Mapping[str, Any], private: Arrays | None,
                      data: ClientData, cfg: ExperimentConfig, num_classes: int, device: torch.device,

@@ -6,7 +6,9 @@ Level 2 (local): a private local part l_i and local gate beta_i(x);
 p_i(y|x) = (1 - beta_i(x)) y(x) + beta_i(x) softmax(l_i(x)).
 Clients upload their trained experts, gate and correlation row (mean gate
 probabilities over their training data); the server aggregates each expert with
-smoothed, capped correlation weights and the gate with sample weights."""
+smoothed, capped correlation weights and the gate with sample weights.
+With ``shared_trunk`` the experts share one trunk (the convolutions, averaged with
+sample weights like FedAvg) and differ in their heads (the rest of the network)."""
 
 from __future__ import annotations
 
@@ -20,12 +22,15 @@ from torch import nn
 from ..config import ExperimentConfig
 from ..data import ClientData, batches
 from ..models import GateNet, build_expert
-from .common import (Algorithm, Arrays, BN_BUFFER_SUFFIXES, Reply, ServerState,
+from .common import (Algorithm, Arrays, BN_BUFFER_SUFFIXES, Reply, ServerState, accuracy,
                      nll_of_probs, predict_probs, prefixed, proximal_term, run_local_epochs,
                      seeded_init, state_of, unprefixed, weighted_average)
 
 GATE = "gate."
+TRUNK = "trunk."
 CORRELATION = "correlation"
+CLASS_MARGINAL = "class_marginal"  # mean predicted class probabilities (no labels): EM's training prior
+TRAIN_PRIOR = "train_prior"
 
 
 def expert_prefix(k: int) -> str:
@@ -109,7 +114,42 @@ def aggregate_pool(pool: list[Arrays], contributions: list[tuple[dict[int, Array
     return new_pool, max_share
 
 
+def routing_diagnostics(rows: np.ndarray) -> dict[str, Any]:
+    """How the gate routes, from the known correlation rows (clients x K): the experts'
+    mean usage, its entropy (1 = all experts used alike, 0 = one expert), the mean row
+    entropy (low = each client routes to few experts) and the spread of the rows across
+    clients (mean over experts of the std over clients; 0 = every client routes alike)."""
+    if len(rows) == 0:
+        return {"expert_usage": []}
+    k = rows.shape[1]
+
+    def entropy(p: np.ndarray) -> np.ndarray:
+        p = np.clip(p, 1e-12, 1.0)
+        return -(p * np.log(p)).sum(-1) / np.log(k) if k > 1 else np.zeros(p.shape[:-1])
+
+    usage = rows.mean(0)
+    return {"expert_usage": usage.tolist(), "expert_usage_entropy": float(entropy(usage)),
+            "correlation_row_entropy": float(entropy(rows).mean()),
+            "correlation_spread": float(rows.std(0).mean())}
+
+
 # ============================================================== models
+def network_part(net: nn.Module, part: str) -> Arrays:
+    """``all`` of an expert network's state, or only its ``trunk`` or ``head`` keys."""
+    state = state_of(net)
+    if part == "all":
+        return state
+    return {k: v for k, v in state.items() if k.startswith(net.trunk_prefixes) == (part == "trunk")}
+
+
+def load_network_part(net: nn.Module, arrays: Mapping[str, torch.Tensor], part: str) -> None:
+    missing, unexpected = net.load_state_dict(dict(arrays), strict=False)
+    wanted = set(network_part(net, part))
+    if unexpected or wanted & set(missing):
+        raise KeyError(f"expert {part} state does not fit: missing {sorted(wanted & set(missing))[:3]}, "
+                       f"unexpected {unexpected[:3]}")
+
+
 class FedCoEModel(nn.Module):
     """The client's view: shared gate, its expert set, and (optionally) private parts."""
 
@@ -118,6 +158,9 @@ class FedCoEModel(nn.Module):
         super().__init__()
         self.expert_ids = list(expert_ids)
         self.gate = GateNet(cfg.num_experts, cfg.gate_width)
+        # with a shared trunk, only the trunk part of ``trunk`` and the head parts of the experts are used
+        self.trunk = build_expert(cfg, num_classes) if cfg.shared_trunk else None
+        self.expert_part = "head" if cfg.shared_trunk else "all"
         self.expert = nn.ModuleDict({str(k): build_expert(cfg, num_classes) for k in expert_ids})
         dim = next(iter(self.expert.values())).feature_dim
         self.local: nn.Module | None = None
@@ -139,10 +182,11 @@ class FedCoEModel(nn.Module):
             top = weights.topk(per_sample_top, dim=1)
             weights = torch.zeros_like(weights).scatter(1, top.indices, top.values)
         weights = weights / weights.sum(1, keepdim=True).clamp_min(1e-12)
+        h = self.trunk.trunk(x) if self.trunk is not None else None
         probs, feats = 0.0, 0.0
         for j, k in enumerate(self.expert_ids):
             expert = self.expert[str(k)]
-            f = expert.features(x)
+            f = expert.features(x) if h is None else expert.head_features(h)
             w = weights[:, j:j + 1]
             probs = probs + w * F.softmax(expert.classifier(f), dim=1)
             feats = feats + w * f
@@ -157,19 +201,36 @@ class FedCoEModel(nn.Module):
         beta = torch.sigmoid(self.local_gate(feats)) if self.local_gate is not None else 0.5
         return (1 - beta) * y + beta * F.softmax(local_logits, dim=1), y
 
+    def expert_alone(self, k: int) -> "callable":
+        """x -> class probabilities of expert k on its own (diagnostics)."""
+        expert = self.expert[str(k)]
+        if self.trunk is None:
+            return lambda x: F.softmax(expert(x), dim=1)
+        return lambda x: F.softmax(expert.classifier(expert.head_features(self.trunk.trunk(x))), dim=1)
+
     def load_balance_loss(self) -> torch.Tensor:
-        return sum((e.load_balance_loss() for e in self.expert.values()), torch.zeros(()))
+        nets = list(self.expert.values()) + ([self.trunk] if self.trunk is not None else [])
+        return sum((e.load_balance_loss() for e in nets), torch.zeros(()))
 
     # ---- state split: shared (uploaded) vs private (never leaves the client)
     def load_shared(self, arrays: Mapping[str, torch.Tensor]) -> None:
         self.gate.load_state_dict(unprefixed(GATE, arrays))
+        if self.trunk is not None:
+            load_network_part(self.trunk, unprefixed(TRUNK, arrays), "trunk")
         for k in self.expert_ids:
-            self.expert[str(k)].load_state_dict(unprefixed(expert_prefix(k), arrays))
+            load_network_part(self.expert[str(k)], unprefixed(expert_prefix(k), arrays), self.expert_part)
+
+    def shared_modules(self) -> list[nn.Module]:
+        """What local training updates and uploads (the private parts aside)."""
+        return ([self.gate] + ([self.trunk] if self.trunk is not None else [])
+                + [self.expert[str(k)] for k in self.expert_ids])
 
     def shared_state(self) -> Arrays:
         out = prefixed(GATE, state_of(self.gate))
+        if self.trunk is not None:
+            out.update(prefixed(TRUNK, network_part(self.trunk, "trunk")))
         for k in self.expert_ids:
-            out.update(prefixed(expert_prefix(k), state_of(self.expert[str(k)])))
+            out.update(prefixed(expert_prefix(k), network_part(self.expert[str(k)], self.expert_part)))
         return out
 
     def private_modules(self) -> dict[str, nn.Module]:
@@ -236,6 +297,16 @@ def prior_correct(probs: torch.Tensor, prior: torch.Tensor, train_prior: torch.T
     return adjusted / adjusted.sum(1, keepdim=True).clamp_min(1e-12)
 
 
+def training_prior(arrays: Mapping[str, torch.Tensor], cfg: ExperimentConfig, num_classes: int) -> torch.Tensor:
+    """The label distribution the pool was trained under, as EM needs it: the federation's
+    sample-weighted mean prediction on the training clients' data (``coldstart_prior:
+    predicted``, shipped in the cold-start package) or uniform."""
+    if cfg.coldstart_prior == "predicted" and TRAIN_PRIOR in arrays:
+        prior = arrays[TRAIN_PRIOR].float().cpu().clamp_min(1e-6)
+        return prior / prior.sum()
+    return torch.full((num_classes,), 1.0 / num_classes)
+
+
 def coldstart_evaluate(arrays: Mapping[str, torch.Tensor], data: ClientData, cfg: ExperimentConfig,
                        num_classes: int, device: torch.device) -> dict[str, Any]:
     """A new client's model from the pool, adapted with unlabeled data only (its local
@@ -245,27 +316,29 @@ def coldstart_evaluate(arrays: Mapping[str, torch.Tensor], data: ClientData, cfg
     model.load_shared(arrays)
     model.to(device).eval()
     unlabeled = data.train_x if len(data.train_x) else data.test_x
+    uniform = torch.full((num_classes,), 1.0 / num_classes)
+    train_prior = training_prior(arrays, cfg, num_classes)
 
     def gate_row() -> torch.Tensor:
         return predict_probs(model.gate_probs, unlabeled, cfg, device).mean(0)
 
-    def scores(use_em: bool) -> tuple[float, torch.Tensor]:
+    def scores(em_prior: torch.Tensor | None) -> float:
         test_probs = predict_probs(lambda x: model.mixture(x)[0], data.test_x, cfg, device)
-        if use_em:
-            train_prior = torch.full((num_classes,), 1.0 / num_classes)  # our reading: balanced union
+        if em_prior is not None:
             pool_probs = predict_probs(lambda x: model.mixture(x)[0], unlabeled, cfg, device)
-            test_probs = prior_correct(test_probs, em_label_prior(pool_probs, train_prior), train_prior)
-        return float((test_probs.argmax(1) == data.test_y).float().mean()), test_probs
+            test_probs = prior_correct(test_probs, em_label_prior(pool_probs, em_prior), em_prior)
+        return float((test_probs.argmax(1) == data.test_y).float().mean())
 
     row = gate_row()
     if cfg.coldstart_top_m and cfg.experts_per_client < cfg.num_experts:
         model.expert_ids = expert_set(row.numpy(), cfg.experts_per_client, cfg.num_experts)
-    out: dict[str, Any] = {"coldstart_accuracy_plain": scores(False)[0],
-                           "coldstart_accuracy_em": scores(True)[0]}
+    out: dict[str, Any] = {"coldstart_accuracy_plain": scores(None), "coldstart_accuracy_em": scores(train_prior)}
+    if not torch.equal(train_prior, uniform):
+        out["coldstart_accuracy_em_uniform"] = scores(uniform)
     adabn = reestimate_batchnorm(model, unlabeled, cfg, device)
     if adabn:
-        out["coldstart_accuracy_adabn"] = scores(False)[0]
-        out["coldstart_accuracy_adabn_em"] = scores(True)[0]
+        out["coldstart_accuracy_adabn"] = scores(None)
+        out["coldstart_accuracy_adabn_em"] = scores(train_prior)
     parts = (["adabn"] if cfg.coldstart_adabn and adabn else []) + (["em"] if cfg.coldstart_em else [])
     out["coldstart_accuracy"] = out["coldstart_accuracy_" + ("_".join(parts) or "plain")]
     out["routing_row"] = [float(v) for v in row]
@@ -280,13 +353,18 @@ class FedCoE(Algorithm):
 
     def init_state(self, cfg: ExperimentConfig, num_classes: int) -> ServerState:
         arrays = prefixed(GATE, state_of(seeded_init(lambda: GateNet(cfg.num_experts, cfg.gate_width), cfg.seed)))
+        part = "head" if cfg.shared_trunk else "all"
+        if cfg.shared_trunk:
+            trunk = seeded_init(lambda: build_expert(cfg, num_classes), cfg.seed * 1000)
+            arrays.update(prefixed(TRUNK, network_part(trunk, "trunk")))
         for k in range(cfg.num_experts):
             # independent initialisations: the experts must be able to diverge
             expert = seeded_init(lambda: build_expert(cfg, num_classes), cfg.seed * 1000 + k + 1)
-            arrays.update(prefixed(expert_prefix(k), state_of(expert)))
+            arrays.update(prefixed(expert_prefix(k), network_part(expert, part)))
         extra = {
             "correlation": np.full((cfg.num_clients, cfg.num_experts), 1.0 / cfg.num_experts),
             "correlation_known": np.zeros(cfg.num_clients, dtype=bool),
+            "train_prior": np.full(num_classes, 1.0 / num_classes),
         }
         return ServerState(arrays, extra)
 
@@ -297,18 +375,23 @@ class FedCoE(Algorithm):
 
     def _payload(self, state: ServerState, ids: list[int]) -> tuple[Arrays, dict[str, Any]]:
         """The gate and only the experts in ``ids``: a client never downloads the rest."""
-        prefixes = (GATE,) + tuple(expert_prefix(k) for k in ids)
+        prefixes = (GATE, TRUNK) + tuple(expert_prefix(k) for k in ids)
         return {k: v for k, v in state.arrays.items() if k.startswith(prefixes)}, {"expert_ids": ids}
 
     def train_payload(self, state, cfg, client_index, server_round):
         return self._payload(state, self.client_experts(state, cfg, client_index))
 
     def coldstart_payload(self, state, cfg, client_parts=None):
-        return self._payload(state, list(range(cfg.num_experts)))
+        arrays, config = self._payload(state, list(range(cfg.num_experts)))
+        if cfg.coldstart_prior == "predicted" and "train_prior" in state.extra:
+            arrays[TRAIN_PRIOR] = torch.as_tensor(state.extra["train_prior"], dtype=torch.float32)
+        return arrays, config
 
     def expected_upload(self, payload, config, cfg):
         expected = super().expected_upload(payload, config, cfg)
         expected[CORRELATION] = ((cfg.num_experts,), torch.float32)
+        num_classes = next(v.shape[0] for k, v in payload.items() if k.endswith("classifier.bias"))
+        expected[CLASS_MARGINAL] = ((num_classes,), torch.float32)
         return expected
 
     def aggregate(self, state: ServerState, replies: list[Reply], cfg, server_round):
@@ -323,15 +406,27 @@ class FedCoE(Algorithm):
                        if any(key.startswith(expert_prefix(k)) for key in r.arrays)}
             contributions.append((experts, row, r.num_samples))
         new_pool, max_share = aggregate_pool(pool, contributions, cfg)
-        gate = weighted_average([unprefixed(GATE, r.arrays) for r in replies], [r.num_samples for r in replies])
-        arrays = prefixed(GATE, gate)
+        n = [r.num_samples for r in replies]
+        arrays = prefixed(GATE, weighted_average([unprefixed(GATE, r.arrays) for r in replies], n))
+        if cfg.shared_trunk:  # every client trains the trunk: FedAvg (or the robust rule)
+            arrays.update(prefixed(TRUNK, weighted_average([unprefixed(TRUNK, r.arrays) for r in replies], n,
+                                                           cfg.robust_aggregation, cfg.trim_fraction)))
         for k, expert in enumerate(new_pool):
             arrays.update(prefixed(expert_prefix(k), expert))
-        diagnostics = {
-            "expert_max_client_share": [(-1.0 if s is None else s) for s in max_share],
-            "expert_usage": correlation[known].mean(0).tolist() if known.any() else [],
-        }
-        return ServerState(arrays, {"correlation": correlation, "correlation_known": known}), diagnostics
+        marginals = np.stack([r.arrays[CLASS_MARGINAL].double().numpy() for r in replies])
+        train_prior = np.asarray(n, dtype=np.float64) @ marginals / sum(n)
+        diagnostics = {"expert_max_client_share": [(-1.0 if s is None else s) for s in max_share],
+                       **routing_diagnostics(correlation[known])}
+        extra = {"correlation": correlation, "correlation_known": known, "train_prior": train_prior}
+        return ServerState(arrays, extra), diagnostics
+
+    def global_diagnostics(self, state, cfg, num_classes, device, x, y):
+        """Each expert alone (with the trunk when shared) on the global test set."""
+        model = FedCoEModel(cfg, num_classes, list(range(cfg.num_experts)), with_private=False)
+        model.load_shared(state.arrays)
+        model.to(device).eval()
+        return {"expert_global_accuracy": [accuracy(model.expert_alone(k), x, y, cfg, device)
+                                           for k in range(cfg.num_experts)]}
 
     def global_predict(self, state, cfg, num_classes, device):
         model = FedCoEModel(cfg, num_classes, list(range(cfg.num_experts)), with_private=False)
@@ -344,7 +439,7 @@ class FedCoE(Algorithm):
     def client_train(self, arrays, config, private, data, cfg, num_classes, device, seed):
         ids = [int(k) for k in config["expert_ids"]]
         model = build_client_model(cfg, num_classes, arrays, ids, private, device, private_seed=seed)
-        shared = [model.gate] + [model.expert[str(k)] for k in ids]
+        shared = model.shared_modules()
         anchors = [{k: v.detach().clone() for k, v in m.named_parameters()} for m in shared]
         has_local = model.local is not None
 
@@ -364,6 +459,10 @@ class FedCoE(Algorithm):
         row = predict_probs(model.gate_probs, data.train_x, cfg, device).mean(0)
         upload = model.shared_state()
         upload[CORRELATION] = row.float()
+        # mean predicted class probabilities of the global mixture (no labels): the server's
+        # sample-weighted mean is the training prior the cold-start EM correction needs
+        upload[CLASS_MARGINAL] = predict_probs(lambda x: model.mixture(x)[0], data.train_x, cfg, device
+                                               ).mean(0).float()
         return upload, (model.private_state() or None), {"num_samples": data.num_train, "train_loss": loss}
 
     def client_predict(self, arrays, config, private, cfg, num_classes, device):
