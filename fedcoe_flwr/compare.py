@@ -51,7 +51,7 @@ def run_one(config: str, label: str, overrides: dict[str, Any], seed: int, resul
     summary_path = out / "summary.json"
     if summary_path.is_file() and json.loads(summary_path.read_text()).get("status") == "finished":
         print(f"[compare] {out.name}: finished earlier, skipped", flush=True)
-        return json.loads(summary_path.read_text())
+        return {**json.loads(summary_path.read_text()), "run_dir": str(out)}
     resume = any((out / "checkpoints").glob("round-*.pt"))
     sets = {**overrides, "seed": seed, "run_name": out.name, "results_dir": str(results_dir), "resume": resume}
     cmd = [sys.executable, "-m", "fedcoe_flwr.simulate", "--config", config, "--set",
@@ -60,12 +60,20 @@ def run_one(config: str, label: str, overrides: dict[str, Any], seed: int, resul
     proc = subprocess.run(cmd)
     if proc.returncode != 0 or not summary_path.is_file():
         raise SystemExit(f"[compare] {out.name} failed (exit {proc.returncode}); rerun the same command to resume")
-    return json.loads(summary_path.read_text())
+    return {**json.loads(summary_path.read_text()), "run_dir": str(out)}
 
 
-def history(out: Path) -> list[dict[str, Any]]:
-    path = out / "metrics.jsonl"
+def history(out: Path, name: str = "metrics.jsonl") -> list[dict[str, Any]]:
+    path = out / name
     return [json.loads(l) for l in path.read_text().splitlines()] if path.is_file() else []
+
+
+def seconds_per_round(summary: dict[str, Any]) -> float:
+    """Mean wall time of a training round (sampling to aggregation), from rounds.jsonl:
+    the compute a round costs on this machine, evaluation excluded."""
+    rounds = history(Path(summary["run_dir"]), "rounds.jsonl") if "run_dir" in summary else []
+    times = [r["time_s"] for r in rounds if r.get("time_s") is not None]
+    return float(np.mean(times)) if times else float("nan")
 
 
 def mean_std(values: list[float]) -> str:
@@ -77,8 +85,9 @@ def mean_std(values: list[float]) -> str:
 
 def table(rows: list[tuple[str, list[dict[str, Any]]]], num_clients: int) -> str:
     head = ("| method | global acc. % | personalised acc. % | cold-start acc. % | "
-            "MB per client per round (down + up) | p2p MB relayed per client per round | wall time s | global from |")
-    lines = [head, "|" + "---|" * 8]
+            "MB per client per round (down + up) | p2p MB relayed per client per round | s per round | "
+            "wall time s | global from |")
+    lines = [head, "|" + "---|" * 9]
     for label, summaries in rows:
         finals = [s.get("final", {}) for s in summaries]
         rounds = [max(1, s.get("rounds_completed", 1)) for s in summaries]
@@ -87,11 +96,40 @@ def table(rows: list[tuple[str, list[dict[str, Any]]]], num_clients: int) -> str
                      for c, r in zip(comm, rounds)]
         p2p = [c.get("bytes_p2p_relayed", 0) / r / num_clients / 1e6 for c, r in zip(comm, rounds)]
         wall = [s.get("wall_time_s", 0) for s in summaries]
+        per_round_s = [seconds_per_round(s) for s in summaries]
         source = finals[0].get("global_accuracy_source", "") if finals else ""
         cells = [mean_std([f.get(k) for f in finals]) for k, _ in METRICS]
         lines.append(f"| {label} | " + " | ".join(cells) +
-                     f" | {np.mean(per_round):.3f} | {np.mean(p2p):.3f} | {np.mean(wall):.0f} | {source} |")
+                     f" | {np.mean(per_round):.3f} | {np.mean(p2p):.3f} | {np.mean(per_round_s):.1f} | "
+                     f"{np.mean(wall):.0f} | {source} |")
     return "\n".join(lines)
+
+
+def coldstart_table(rows: list[tuple[str, list[dict[str, Any]]]]) -> str:
+    """Every cold-start adaptation a run reported (on/off from the same run and pool)."""
+    keys = sorted({k for _, summaries in rows for s in summaries for k in s.get("final", {})
+                   if k.startswith("coldstart_accuracy_")})
+    if not keys:
+        return ""
+    lines = ["| method | " + " | ".join(k[len("coldstart_accuracy_"):] for k in keys) + " |",
+             "|" + "---|" * (len(keys) + 1)]
+    for label, summaries in rows:
+        finals = [s.get("final", {}) for s in summaries]
+        if any(k in f for f in finals for k in keys):
+            lines.append(f"| {label} | " + " | ".join(mean_std([f.get(k) for f in finals]) for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def methods_from_file(path: str) -> list[str]:
+    """A YAML file with ``methods:`` (a list of method specs, as for --methods)."""
+    import yaml
+
+    with open(path) as fh:
+        data = yaml.safe_load(fh) or {}
+    methods = data.get("methods") if isinstance(data, dict) else None
+    if not isinstance(methods, list) or not methods or not all(isinstance(m, str) for m in methods):
+        raise SystemExit(f"--methods-file '{path}' must hold 'methods:', a list of method specs")
+    return methods
 
 
 def plot(curves: dict[str, list[list[dict[str, Any]]]], path: Path) -> None:
@@ -123,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=["fedcoe", "fedavg", "fedprox", "fedper", "pfedmoe",
                                                           "fedmoe_da", "local"])
+    parser.add_argument("--methods-file", default=None,
+                        help="YAML with 'methods:', a list of specs (e.g. configs/methods/ablation_fedcoe.yaml); "
+                             "replaces --methods")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
     parser.add_argument("--results-dir", default="results")
     parser.add_argument("--out", default=None, help="where the table and plot go (default results/compare-<config>)")
@@ -132,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     stem = Path(args.config).stem
     out = Path(args.out or results_dir / f"compare-{stem}")
     out.mkdir(parents=True, exist_ok=True)
+    if args.methods_file:
+        args.methods = methods_from_file(args.methods_file)
     methods = [parse_method(m) for m in args.methods]
     common = parse_overrides(args.set)
     rows, curves = [], {}
@@ -143,8 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     text = (f"Config `{args.config}`{' with ' + ' '.join(args.set) if args.set else ''}, seeds "
             f"{' '.join(map(str, args.seeds))}; final evaluation, mean ± std over seeds.\n"
             f"Command: `python -m fedcoe_flwr.compare --config {args.config} --seeds "
-            f"{' '.join(map(str, args.seeds))} --methods {' '.join(args.methods)}"
+            f"{' '.join(map(str, args.seeds))} "
+            f"{'--methods-file ' + args.methods_file if args.methods_file else '--methods ' + ' '.join(args.methods)}"
             f"{' --set ' + ' '.join(args.set) if args.set else ''}`\n\n" + table(rows, cfg.num_clients) + "\n")
+    cold = coldstart_table(rows)
+    if cold:
+        text += "\nCold-start adaptations (same pool, same clients; % mean ± std over seeds):\n\n" + cold + "\n"
     (out / "comparison.md").write_text(text)
     plot(curves, out / "curves.png")
     print(text)

@@ -16,7 +16,7 @@ DATASETS = ("cifar10", "cifar100", "imagefolder", "synthetic")
 PARTITIONS = ("dirichlet", "pathological", "iid")
 MODELS = ("cnn", "resnet_moe")
 NORMS = ("batch", "group", "none")
-LOCAL_PARTS = ("head", "expert", "none")
+LOCAL_PARTS = ("head", "expert_head", "expert", "none")
 DEVICES = ("auto", "cpu", "cuda")
 
 # The run-config value that means "not overridden: keep the YAML / default value".
@@ -87,6 +87,7 @@ class ExperimentConfig:
     prox_mu: float = 0.01  # mu (FedProx, FedCoE)
     local_part: str = "head"
     shared_trunk: bool = False  # experts share one trunk (averaged like FedAvg) and differ in their heads
+    gate_temperature: float = 1.0  # softmax temperature of the shared gate (< 1: sharper routing)
     local_gate: bool = True
     correlation_weighting: bool = True
     correlation_smoothing: float = 0.5
@@ -197,7 +198,7 @@ def _check(cfg: ExperimentConfig) -> None:
                 "min_partition_size", "seed", "fedmoe_da_top_p"):
         if getattr(cfg, key) < 0:
             bad(key, "must be >= 0")
-    for key in ("lr", "round_timeout", "fedmoe_da_tau", "serve_timeout"):
+    for key in ("lr", "round_timeout", "fedmoe_da_tau", "serve_timeout", "gate_temperature"):
         if not getattr(cfg, key) > 0:
             bad(key, "must be > 0")
     for key in ("momentum", "weight_decay", "aux_weight", "load_balance_weight", "prox_mu",
@@ -206,6 +207,8 @@ def _check(cfg: ExperimentConfig) -> None:
             bad(key, "must be >= 0")
     if cfg.algorithm in ("fedper", "pfedmoe", "fedmoe_da", "local") and cfg.model != "cnn":
         bad("model", f"algorithm '{cfg.algorithm}' splits the small CNN as its paper does: use model 'cnn'")
+    if cfg.local_part == "expert_head" and not cfg.shared_trunk:
+        bad("local_part", "'expert_head' sits on the shared trunk: set shared_trunk=true (or use 'head')")
     if cfg.top_m > cfg.num_experts:
         bad("top_m", f"must be <= num_experts ({cfg.num_experts}); 0 means all experts")
     if cfg.inner_top_k > cfg.inner_experts:

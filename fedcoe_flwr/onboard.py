@@ -39,14 +39,14 @@ REGISTRY = "onboarding.jsonl"
 # Everything a node may report back (all numbers): the routing row and metrics.
 ALLOWED_METRICS = frozenset({
     "routing_row", "coldstart_accuracy", "coldstart_accuracy_plain", "coldstart_accuracy_em",
-    "coldstart_accuracy_adabn", "coldstart_accuracy_adabn_em", "model_accuracy", "num_test",
-    "num_unlabeled", "can_train", "onboard_time_s", "model_bytes"})
+    "coldstart_accuracy_em_uniform", "coldstart_accuracy_adabn", "coldstart_accuracy_adabn_em", "model_accuracy",
+    "num_test", "num_unlabeled", "can_train", "onboard_time_s", "model_bytes"})
 # Keys of a serving run's config taken from the serving run instead of the checkpoint.
 SERVE_KEYS = ("device", "round_timeout", "wait_for_nodes", "coldstart_adabn", "coldstart_em", "coldstart_top_m",
-              "eval_batch_size", "serve_from", "serve_max_nodes", "serve_timeout", "results_dir")
+              "coldstart_prior", "eval_batch_size", "serve_from", "serve_max_nodes", "serve_timeout", "results_dir")
 # Model-defining keys a serving run must not change (the package would not fit the model).
 MODEL_KEYS = ("algorithm", "model", "num_experts", "resnet_depth", "resnet_width", "inner_experts", "inner_top_k",
-              "width_multiplier", "local_part", "gate_width", "norm", "image_size", "class_names", "dataset",
+              "width_multiplier", "local_part", "shared_trunk", "gate_temperature", "gate_width", "norm", "image_size", "class_names", "dataset",
               "synthetic_num_classes")
 
 

@@ -395,6 +395,8 @@ class MoEStrategy(Strategy):
         n = np.array([r.num_samples for r in valid], dtype=float)
         loss = float(np.dot(n, [r.metrics.get("train_loss", np.nan) for r in valid]) / n.sum())
         record = {"round": server_round, "train_loss": loss, "clients": len(self._sent),
+                  # compute: the clients' local training time summed over the round
+                  "client_train_s": float(sum(r.metrics.get("train_time_s", 0.0) for r in valid)),
                   "replies": len(valid), "failed": failed, "rejected": sorted(rejected),
                   "train_bytes_down": self._train_bytes_down,
                   "bytes_down_total": self.comm["bytes_down"], "bytes_up_total": self.comm["bytes_up"],

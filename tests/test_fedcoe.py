@@ -603,3 +603,50 @@ def test_correlation_plot_is_written(make_cfg, tmp_path):
     writer = ResultsWriter(make_cfg(results_dir=str(tmp_path / "results")))
     path = writer.plot_correlation(np.array([[0.7, 0.3], [0.2, 0.8], [0.5, 0.5]]), np.array([True, True, False]))
     assert path.is_file() and path.stat().st_size > 1000
+
+
+def test_expert_head_local_part_is_private_and_survives_a_reload(make_cfg, cpu):
+    """local_part=expert_head: a private fc1 + classifier on the shared trunk (FedPer's
+    private layers), never uploaded, reloaded exactly from its private state."""
+    cfg = make_cfg(model="cnn", shared_trunk=True, local_part="expert_head", num_experts=2, norm="none")
+    algo = FedCoE()
+    state = algo.init_state(cfg, 4)
+    payload, config = algo.train_payload(state, cfg, 0, 1)
+    data = load_client_data(cfg, 0)
+    upload, private, metrics = algo.client_train(payload, config, None, data, cfg, 4, cpu, seed=1)
+    assert {k for k in private if k.startswith("local.")} == {
+        "local.fc1.weight", "local.fc1.bias", "local.classifier.weight", "local.classifier.bias"}
+    assert not any(k.startswith("local") for k in upload)
+    predict = algo.client_predict(payload, config, private, cfg, 4, cpu)
+    model = FedCoEModel(cfg, 4, [0, 1])
+    model.load_shared(payload)
+    model.load_private(private)
+    model.eval()
+    x = normalize(data.test_x[:6])
+    with torch.no_grad():
+        h = model.trunk.trunk(x)
+        y, feats = model.mixture(x)
+        local = torch.softmax(model.local.classifier(model.local.head_features(h)), 1)
+        beta = torch.sigmoid(model.local_gate(feats))
+        torch.testing.assert_close(predict(x), (1 - beta) * y + beta * local)
+
+
+def test_expert_head_needs_the_shared_trunk(make_cfg):
+    from fedcoe_flwr.config import ConfigError
+    with pytest.raises(ConfigError, match="local_part.*shared_trunk=true"):
+        make_cfg(model="cnn", local_part="expert_head")
+
+
+def test_gate_temperature_sharpens_routing(make_cfg):
+    cfg = make_cfg(num_experts=3, norm="group")
+    sharp = cfg.replace(gate_temperature=0.25)
+    state = FedCoE().init_state(cfg, 4)
+    x = normalize(load_client_data(cfg, 0).train_x[:8])
+    probs = []
+    for c in (cfg, sharp):
+        model = FedCoEModel(c, 4, [0, 1, 2], with_private=False)
+        model.load_shared(state.arrays)
+        with torch.no_grad():
+            probs.append(model.gate_probs(x))
+    torch.testing.assert_close(probs[1], torch.softmax(torch.log(probs[0]) / 0.25, 1), rtol=1e-4, atol=1e-6)
+    assert probs[1].max(1).values.mean() > probs[0].max(1).values.mean()

@@ -48,8 +48,9 @@ def fake_replies(strategy: MoEStrategy, server_round: int, poison: dict[int, str
         c = msg.metadata.dst_node_id - 100
         node, payload, pconfig = strategy._sent[c]
         arrays = {k: v.clone() for k, v in payload.items()}
-        if "correlation" in strategy.algorithm.expected_upload(payload, pconfig, strategy.cfg):
-            arrays["correlation"] = torch.full((strategy.cfg.num_experts,), 1.0 / strategy.cfg.num_experts)
+        for key, (shape, dtype) in strategy.algorithm.expected_upload(payload, pconfig, strategy.cfg).items():
+            if key not in arrays:  # FedCoE's correlation row and class marginal: probability vectors
+                arrays[key] = torch.full(shape, 1.0 / shape[0], dtype=dtype)
         first = next(k for k, v in arrays.items() if v.is_floating_point() and v.numel() > 1)
         arrays[first] = arrays[first] + 0.01 * (c + 1)  # a genuine, client-specific update
         metrics = {"num_samples": 10 + c, "train_loss": 1.0}

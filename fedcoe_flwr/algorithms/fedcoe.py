@@ -165,24 +165,30 @@ class FedCoEModel(nn.Module):
         dim = next(iter(self.expert.values())).feature_dim
         self.local: nn.Module | None = None
         self.local_gate: nn.Module | None = None
-        self.local_is_network = cfg.local_part == "expert"
+        # head: a Linear on the gate-mixed features; expert: a whole private network on x;
+        # expert_head: a private expert head on the shared trunk's output (FedPer's private layers)
+        self.local_kind = cfg.local_part
+        self.local_state_part = "head" if cfg.local_part == "expert_head" else "all"
+        self.gate_temperature = cfg.gate_temperature
         if with_private and cfg.local_part != "none":
-            self.local = build_expert(cfg, num_classes) if self.local_is_network else nn.Linear(dim, num_classes)
+            self.local = nn.Linear(dim, num_classes) if cfg.local_part == "head" else build_expert(cfg, num_classes)
             if cfg.local_gate:
                 self.local_gate = nn.Linear(dim, 1)
 
     def gate_probs(self, x: torch.Tensor) -> torch.Tensor:
-        return F.softmax(self.gate(x), dim=1)
+        return F.softmax(self.gate(x) / self.gate_temperature, dim=1)
 
-    def mixture(self, x: torch.Tensor, per_sample_top: int | None = None
+    def mixture(self, x: torch.Tensor, per_sample_top: int | None = None, h: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """y(x) over the expert set (renormalised gate), and the gate-mixed features."""
+        """y(x) over the expert set (renormalised gate), and the gate-mixed features.
+        ``h``: the shared trunk's output for x, when the caller has it already."""
         weights = self.gate_probs(x)[:, self.expert_ids]
         if per_sample_top is not None and per_sample_top < len(self.expert_ids):
             top = weights.topk(per_sample_top, dim=1)
             weights = torch.zeros_like(weights).scatter(1, top.indices, top.values)
         weights = weights / weights.sum(1, keepdim=True).clamp_min(1e-12)
-        h = self.trunk.trunk(x) if self.trunk is not None else None
+        if h is None and self.trunk is not None:
+            h = self.trunk.trunk(x)
         probs, feats = 0.0, 0.0
         for j, k in enumerate(self.expert_ids):
             expert = self.expert[str(k)]
@@ -194,10 +200,16 @@ class FedCoEModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (p_i: the personalised prediction, y: the global mixture)."""
-        y, feats = self.mixture(x)
+        h = self.trunk.trunk(x) if self.trunk is not None else None
+        y, feats = self.mixture(x, h=h)
         if self.local is None:
             return y, y
-        local_logits = self.local(x) if self.local_is_network else self.local(feats)
+        if self.local_kind == "head":
+            local_logits = self.local(feats)
+        elif self.local_kind == "expert_head":
+            local_logits = self.local.classifier(self.local.head_features(h))
+        else:
+            local_logits = self.local(x)
         beta = torch.sigmoid(self.local_gate(feats)) if self.local_gate is not None else 0.5
         return (1 - beta) * y + beta * F.softmax(local_logits, dim=1), y
 
@@ -239,12 +251,14 @@ class FedCoEModel(nn.Module):
     def private_state(self) -> Arrays:
         out: Arrays = {}
         for prefix, module in self.private_modules().items():
-            out.update(prefixed(prefix, state_of(module)))
+            part = self.local_state_part if module is self.local else "all"
+            out.update(prefixed(prefix, network_part(module, part)))
         return out
 
     def load_private(self, arrays: Mapping[str, torch.Tensor]) -> None:
         for prefix, module in self.private_modules().items():
-            module.load_state_dict(unprefixed(prefix, arrays))
+            part = self.local_state_part if module is self.local else "all"
+            load_network_part(module, unprefixed(prefix, arrays), part)
 
 
 def build_client_model(cfg: ExperimentConfig, num_classes: int, arrays: Mapping[str, torch.Tensor],
