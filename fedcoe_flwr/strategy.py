@@ -185,6 +185,7 @@ class MoEStrategy(Strategy):
         self.node_of: dict[int, int] = {}  # partition id -> node id
         self._sent: dict[int, tuple[int, dict[str, torch.Tensor], dict[str, Any]]] = {}
         self._global_test: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._experiment_record: ConfigRecord | None = None
         self._last_eval: dict[str, Any] = {}
         self._train_bytes_down = 0
         self._round_started = 0.0
@@ -313,9 +314,21 @@ class MoEStrategy(Strategy):
         log(INFO, "[onboard] node %d joins training as client %d from the next round on", entry["node_id"], index)
 
     def _message(self, client: int, message_type: str, arrays: Mapping[str, torch.Tensor],
-                 config: Mapping[str, Any]) -> Message:
-        content = RecordDict({ARRAYS: to_array_record(arrays), CONFIG: config_record(config),
-                              EXPERIMENT: experiment_record(self.cfg)})
+                 config: Mapping[str, Any], records: dict[tuple, ArrayRecord] | None = None) -> Message:
+        """``records``: ArrayRecords already built in this batch of messages, by the identity of
+        their tensors, so that clients sent the same arrays (FedAvg's model, one of FedCoE's
+        expert sets) share one conversion instead of one each."""
+        if records is None:
+            array_record = to_array_record(arrays)
+        else:
+            ident = tuple((k, id(v)) for k, v in arrays.items())
+            array_record = records.get(ident)
+            if array_record is None:
+                array_record = records[ident] = to_array_record(arrays)
+        if self._experiment_record is None:  # the config never changes during a run
+            self._experiment_record = experiment_record(self.cfg)
+        content = RecordDict({ARRAYS: array_record, CONFIG: config_record(config),
+                              EXPERIMENT: self._experiment_record})
         self.comm["bytes_down"] += array_bytes(arrays, relayed=False)
         self.comm["bytes_p2p_relayed"] += array_bytes(arrays, relayed=True)
         return Message(content=content, dst_node_id=self.node_of[client], message_type=message_type)
@@ -339,6 +352,7 @@ class MoEStrategy(Strategy):
         self._train_bytes_down = 0
         self._round_started = time.time()
         msgs = []
+        records: dict[tuple, ArrayRecord] = {}  # payload tensors stay alive until the round's messages are built
         for client in self.sample_clients():
             payload, pconfig = self.algorithm.train_payload(self.state, self.cfg, client, server_round)
             pconfig = {**pconfig, "server_round": server_round}
@@ -346,7 +360,7 @@ class MoEStrategy(Strategy):
                 pconfig["joined"] = True  # an onboarded cold-start node allowed to train
             self._sent[client] = (self.node_of[client], payload, pconfig)
             self._train_bytes_down += array_bytes(payload, relayed=False)
-            msgs.append(self._message(client, "train", payload, pconfig))
+            msgs.append(self._message(client, "train", payload, pconfig, records))
         return msgs
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]

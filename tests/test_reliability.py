@@ -340,3 +340,24 @@ def test_reject_checks_norms_only_of_what_comes_back():
     assert validate_reply({"w": torch.ones(3) * 1.1}, {"num_samples": 4}, expected, payload, 10.0) is None
     reason = validate_reply({"w": torch.ones(3) * 1e6}, {"num_samples": 4}, expected, payload, 10.0)
     assert reason is not None and "norm" in reason
+
+
+@pytest.mark.parametrize("algorithm,top_m", [("fedavg", 0), ("fedcoe", 2)])
+def test_train_messages_share_one_array_record_per_distinct_payload(make_cfg, tmp_path, algorithm, top_m):
+    """Clients sent the same tensors share one ArrayRecord (one conversion per round for
+    FedAvg); each message still carries exactly its own payload."""
+    from fedcoe_flwr.records import ARRAYS, from_array_record
+    cfg = make_cfg(algorithm=algorithm, num_experts=3, top_m=top_m, results_dir=str(tmp_path / "r"))
+    strategy = make_strategy(cfg)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+    if algorithm == "fedcoe":  # rows known for clients 0 and 1 only: two different expert sets, two full
+        strategy.state.extra["correlation"][0] = [0.6, 0.3, 0.1]
+        strategy.state.extra["correlation"][1] = [0.1, 0.3, 0.6]
+        strategy.state.extra["correlation_known"][:2] = True
+    msgs = list(strategy.configure_train(1, None, None, None))
+    records = {id(m.content.array_records[ARRAYS]) for m in msgs}
+    assert len(records) == (1 if algorithm == "fedavg" else 3)
+    for msg in msgs:
+        _, payload, _ = strategy._sent[msg.metadata.dst_node_id - 100]
+        got = from_array_record(msg.content.array_records[ARRAYS])
+        assert got.keys() == payload.keys() and all(torch.equal(got[k], payload[k]) for k in got)
