@@ -88,6 +88,8 @@ class ExperimentConfig:
     local_part: str = "head"
     shared_trunk: bool = False  # experts share one trunk (averaged like FedAvg) and differ in their heads
     gate_temperature: float = 1.0  # softmax temperature of the shared gate (< 1: sharper routing)
+    local_prior_correction: bool = False  # the client's model re-weights the pool by its own label prior
+    global_balanced: bool = False  # the global model divides out the federation's predicted training prior
     local_gate: bool = True
     correlation_weighting: bool = True
     correlation_smoothing: float = 0.5

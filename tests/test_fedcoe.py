@@ -650,3 +650,48 @@ def test_gate_temperature_sharpens_routing(make_cfg):
             probs.append(model.gate_probs(x))
     torch.testing.assert_close(probs[1], torch.softmax(torch.log(probs[0]) / 0.25, 1), rtol=1e-4, atol=1e-6)
     assert probs[1].max(1).values.mean() > probs[0].max(1).values.mean()
+
+
+def test_local_prior_correction_reweights_the_pool_by_the_clients_labels(make_cfg, cpu):
+    from fedcoe_flwr.algorithms.fedcoe import LOCAL_PRIOR
+    cfg = make_cfg(model="cnn", shared_trunk=True, local_prior_correction=True, num_experts=2, norm="none")
+    algo = FedCoE()
+    state = algo.init_state(cfg, 4)
+    state.extra["train_prior"] = np.array([0.4, 0.3, 0.2, 0.1])
+    payload, config = algo.train_payload(state, cfg, 0, 1)
+    assert TRAIN_PRIOR in payload and TRAIN_PRIOR not in algo.expected_upload(payload, config, cfg)
+    data = load_client_data(cfg, 0)
+    upload, private, metrics = algo.client_train(payload, config, None, data, cfg, 4, cpu, seed=2)
+    assert TRAIN_PRIOR not in upload and LOCAL_PRIOR not in upload  # the client's labels stay home
+    assert validate_reply(upload, metrics, algo.expected_upload(payload, config, cfg), payload,
+                          cfg.max_update_norm_ratio) is None
+    counts = torch.bincount(data.train_y, minlength=4).float()
+    torch.testing.assert_close(private[LOCAL_PRIOR], (counts + 1) / (counts.sum() + 4))
+    predict = algo.client_predict(payload, config, private, cfg, 4, cpu)
+    model = FedCoEModel(cfg, 4, [0, 1])
+    model.load_shared(payload)
+    model.load_private(private)
+    model.eval()
+    x = normalize(data.test_x[:6])
+    with torch.no_grad():
+        y, feats = model.mixture(x)
+        mine = prior_correct(y, private[LOCAL_PRIOR], torch.tensor([0.4, 0.3, 0.2, 0.1]))
+        beta = torch.sigmoid(model.local_gate(feats))
+        expected = (1 - beta) * mine + beta * torch.softmax(model.local(feats), 1)
+        torch.testing.assert_close(predict(x), expected)
+
+
+def test_global_balanced_divides_out_the_training_prior(make_cfg, cpu):
+    cfg = make_cfg(num_experts=2, norm="group", global_balanced=True)
+    algo = FedCoE()
+    state = algo.init_state(cfg, 4)
+    state.extra["train_prior"] = np.array([0.4, 0.3, 0.2, 0.1])
+    x = normalize(load_client_data(cfg, 0).test_x[:8])
+    with torch.no_grad():
+        raw = algo.global_predict(state, cfg.replace(global_balanced=False), 4, cpu)(x)
+        balanced = algo.global_predict(state, cfg, 4, cpu)(x)
+    torch.testing.assert_close(balanced, prior_correct(raw, torch.full((4,), 0.25),
+                                                       torch.tensor([0.4, 0.3, 0.2, 0.1])))
+    from fedcoe_flwr.data import load_global_test
+    gx, gy = load_global_test(cfg)
+    assert "global_accuracy_raw" in algo.global_diagnostics(state, cfg, 4, cpu, gx, gy)

@@ -31,6 +31,7 @@ TRUNK = "trunk."
 CORRELATION = "correlation"
 CLASS_MARGINAL = "class_marginal"  # mean predicted class probabilities (no labels): EM's training prior
 TRAIN_PRIOR = "train_prior"
+LOCAL_PRIOR = "local_prior"  # private: the client's own label distribution
 
 
 def expert_prefix(k: int) -> str:
@@ -170,6 +171,12 @@ class FedCoEModel(nn.Module):
         self.local_kind = cfg.local_part
         self.local_state_part = "head" if cfg.local_part == "expert_head" else "all"
         self.gate_temperature = cfg.gate_temperature
+        # level-2 label-prior correction: y re-weighted from the federation's training prior to
+        # this client's own label distribution (computed from its labels; never leaves it)
+        self.prior_correction = with_private and cfg.local_prior_correction
+        if self.prior_correction:
+            self.register_buffer("local_prior", torch.full((num_classes,), 1.0 / num_classes))
+            self.register_buffer("train_prior", torch.full((num_classes,), 1.0 / num_classes))
         if with_private and cfg.local_part != "none":
             self.local = nn.Linear(dim, num_classes) if cfg.local_part == "head" else build_expert(cfg, num_classes)
             if cfg.local_gate:
@@ -202,8 +209,9 @@ class FedCoEModel(nn.Module):
         """-> (p_i: the personalised prediction, y: the global mixture)."""
         h = self.trunk.trunk(x) if self.trunk is not None else None
         y, feats = self.mixture(x, h=h)
+        mine = prior_correct(y, self.local_prior, self.train_prior) if self.prior_correction else y
         if self.local is None:
-            return y, y
+            return mine, y
         if self.local_kind == "head":
             local_logits = self.local(feats)
         elif self.local_kind == "expert_head":
@@ -211,7 +219,7 @@ class FedCoEModel(nn.Module):
         else:
             local_logits = self.local(x)
         beta = torch.sigmoid(self.local_gate(feats)) if self.local_gate is not None else 0.5
-        return (1 - beta) * y + beta * F.softmax(local_logits, dim=1), y
+        return (1 - beta) * mine + beta * F.softmax(local_logits, dim=1), y
 
     def expert_alone(self, k: int) -> "callable":
         """x -> class probabilities of expert k on its own (diagnostics)."""
@@ -227,6 +235,8 @@ class FedCoEModel(nn.Module):
     # ---- state split: shared (uploaded) vs private (never leaves the client)
     def load_shared(self, arrays: Mapping[str, torch.Tensor]) -> None:
         self.gate.load_state_dict(unprefixed(GATE, arrays))
+        if self.prior_correction and TRAIN_PRIOR in arrays:
+            self.train_prior.copy_(arrays[TRAIN_PRIOR].clamp_min(1e-6) / arrays[TRAIN_PRIOR].clamp_min(1e-6).sum())
         if self.trunk is not None:
             load_network_part(self.trunk, unprefixed(TRUNK, arrays), "trunk")
         for k in self.expert_ids:
@@ -253,12 +263,21 @@ class FedCoEModel(nn.Module):
         for prefix, module in self.private_modules().items():
             part = self.local_state_part if module is self.local else "all"
             out.update(prefixed(prefix, network_part(module, part)))
+        if self.prior_correction:
+            out[LOCAL_PRIOR] = self.local_prior.detach().cpu().clone()
         return out
+
+    def set_local_prior(self, labels: torch.Tensor, num_classes: int) -> None:
+        """The client's label distribution from its own training labels (Laplace-smoothed)."""
+        counts = torch.bincount(labels.long().cpu(), minlength=num_classes).float()
+        self.local_prior.copy_((counts + 1.0) / (counts.sum() + num_classes))
 
     def load_private(self, arrays: Mapping[str, torch.Tensor]) -> None:
         for prefix, module in self.private_modules().items():
             part = self.local_state_part if module is self.local else "all"
             load_network_part(module, unprefixed(prefix, arrays), part)
+        if self.prior_correction and LOCAL_PRIOR in arrays:
+            self.local_prior.copy_(arrays[LOCAL_PRIOR])
 
 
 def build_client_model(cfg: ExperimentConfig, num_classes: int, arrays: Mapping[str, torch.Tensor],
@@ -393,16 +412,23 @@ class FedCoE(Algorithm):
         return {k: v for k, v in state.arrays.items() if k.startswith(prefixes)}, {"expert_ids": ids}
 
     def train_payload(self, state, cfg, client_index, server_round):
-        return self._payload(state, self.client_experts(state, cfg, client_index))
+        arrays, config = self._payload(state, self.client_experts(state, cfg, client_index))
+        return self._with_prior(arrays, state, cfg.local_prior_correction), config
 
     def coldstart_payload(self, state, cfg, client_parts=None):
         arrays, config = self._payload(state, list(range(cfg.num_experts)))
-        if cfg.coldstart_prior == "predicted" and "train_prior" in state.extra:
+        return self._with_prior(arrays, state, cfg.coldstart_prior == "predicted"), config
+
+    @staticmethod
+    def _with_prior(arrays: Arrays, state: ServerState, wanted: bool) -> Arrays:
+        """The federation's predicted training prior (num_classes floats), read-only for clients."""
+        if wanted and "train_prior" in state.extra:
             arrays[TRAIN_PRIOR] = torch.as_tensor(state.extra["train_prior"], dtype=torch.float32)
-        return arrays, config
+        return arrays
 
     def expected_upload(self, payload, config, cfg):
         expected = super().expected_upload(payload, config, cfg)
+        expected.pop(TRAIN_PRIOR, None)  # sent to the client, never returned
         expected[CORRELATION] = ((cfg.num_experts,), torch.float32)
         num_classes = next(v.shape[0] for k, v in payload.items() if k.endswith("classifier.bias"))
         expected[CLASS_MARGINAL] = ((num_classes,), torch.float32)
@@ -439,20 +465,30 @@ class FedCoE(Algorithm):
         model = FedCoEModel(cfg, num_classes, list(range(cfg.num_experts)), with_private=False)
         model.load_shared(state.arrays)
         model.to(device).eval()
+        other = cfg.replace(global_balanced=not cfg.global_balanced)  # the global model's other variant
+        key = "global_accuracy_" + ("raw" if cfg.global_balanced else "balanced")
         return {"expert_global_accuracy": [accuracy(model.expert_alone(k), x, y, cfg, device)
-                                           for k in range(cfg.num_experts)]}
+                                           for k in range(cfg.num_experts)],
+                key: accuracy(self.global_predict(state, other, num_classes, device), x, y, cfg, device)}
 
     def global_predict(self, state, cfg, num_classes, device):
         model = FedCoEModel(cfg, num_classes, list(range(cfg.num_experts)), with_private=False)
         model.load_shared(state.arrays)
         model.to(device).eval()
         top = cfg.experts_per_client if cfg.experts_per_client < cfg.num_experts else None
-        return lambda x: model.mixture(x, per_sample_top=top)[0]
+        if not cfg.global_balanced:
+            return lambda x: model.mixture(x, per_sample_top=top)[0]
+        prior = torch.as_tensor(state.extra.get("train_prior", np.full(num_classes, 1.0 / num_classes)),
+                                dtype=torch.float32, device=device).clamp_min(1e-6)
+        uniform = torch.full_like(prior, 1.0 / num_classes)
+        return lambda x: prior_correct(model.mixture(x, per_sample_top=top)[0], uniform, prior / prior.sum())
 
     # ---- client side
     def client_train(self, arrays, config, private, data, cfg, num_classes, device, seed):
         ids = [int(k) for k in config["expert_ids"]]
         model = build_client_model(cfg, num_classes, arrays, ids, private, device, private_seed=seed)
+        if model.prior_correction:
+            model.set_local_prior(data.train_y, num_classes)
         shared = model.shared_modules()
         anchors = [{k: v.detach().clone() for k, v in m.named_parameters()} for m in shared]
         has_local = model.local is not None
