@@ -88,6 +88,7 @@ class ExperimentConfig:
     local_part: str = "head"
     shared_trunk: bool = False  # experts share one trunk (averaged like FedAvg) and differ in their heads
     gate_temperature: float = 1.0  # softmax temperature of the shared gate (< 1: sharper routing)
+    local_loss_weight: float = 0.0  # cross-entropy of the local part alone, added to the client's loss
     local_prior_correction: bool = False  # the client's model re-weights the pool by its own label prior
     global_balanced: bool = False  # the global model divides out the federation's predicted training prior
     local_gate: bool = True
@@ -203,7 +204,7 @@ def _check(cfg: ExperimentConfig) -> None:
     for key in ("lr", "round_timeout", "fedmoe_da_tau", "serve_timeout", "gate_temperature"):
         if not getattr(cfg, key) > 0:
             bad(key, "must be > 0")
-    for key in ("momentum", "weight_decay", "aux_weight", "load_balance_weight", "prox_mu",
+    for key in ("momentum", "weight_decay", "aux_weight", "local_loss_weight", "load_balance_weight", "prox_mu",
                 "max_update_norm_ratio", "wait_for_nodes", "serve_max_nodes"):
         if getattr(cfg, key) < 0:
             bad(key, "must be >= 0")

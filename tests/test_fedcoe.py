@@ -695,3 +695,25 @@ def test_global_balanced_divides_out_the_training_prior(make_cfg, cpu):
     from fedcoe_flwr.data import load_global_test
     gx, gy = load_global_test(cfg)
     assert "global_accuracy_raw" in algo.global_diagnostics(state, cfg, 4, cpu, gx, gy)
+
+
+def test_local_loss_weight_trains_the_local_part_as_a_classifier(make_cfg, cpu):
+    """With local_loss_weight > 0 the local part's own cross-entropy is in the loss: the
+    local head ends up a better classifier of the client's data on its own."""
+    cfg = make_cfg(model="cnn", shared_trunk=True, num_experts=2, norm="none", local_epochs=3)
+    algo = FedCoE()
+    state = algo.init_state(cfg, 4)
+    payload, config = algo.train_payload(state, cfg, 0, 1)
+    data = load_client_data(cfg, 0)
+
+    def local_nll(c):
+        _, private, _ = algo.client_train(payload, config, None, data, c, 4, cpu, seed=5)
+        model = FedCoEModel(c, 4, [0, 1])
+        model.load_shared(payload)
+        model.load_private(private)
+        model.eval()
+        with torch.no_grad():
+            local = model.parts(normalize(data.train_x))[2]
+        return torch.nn.functional.nll_loss(torch.log(local), data.train_y).item()
+
+    assert local_nll(cfg.replace(local_loss_weight=1.0)) < local_nll(cfg)

@@ -207,11 +207,16 @@ class FedCoEModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (p_i: the personalised prediction, y: the global mixture)."""
+        p, y, _ = self.parts(x)
+        return p, y
+
+    def parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """-> (p_i, y, the local part's own class probabilities or None)."""
         h = self.trunk.trunk(x) if self.trunk is not None else None
         y, feats = self.mixture(x, h=h)
         mine = prior_correct(y, self.local_prior, self.train_prior) if self.prior_correction else y
         if self.local is None:
-            return mine, y
+            return mine, y, None
         if self.local_kind == "head":
             local_logits = self.local(feats)
         elif self.local_kind == "expert_head":
@@ -219,7 +224,8 @@ class FedCoEModel(nn.Module):
         else:
             local_logits = self.local(x)
         beta = torch.sigmoid(self.local_gate(feats)) if self.local_gate is not None else 0.5
-        return (1 - beta) * mine + beta * F.softmax(local_logits, dim=1), y
+        local = F.softmax(local_logits, dim=1)
+        return (1 - beta) * mine + beta * local, y, local
 
     def expert_alone(self, k: int) -> "callable":
         """x -> class probabilities of expert k on its own (diagnostics)."""
@@ -494,10 +500,12 @@ class FedCoE(Algorithm):
         has_local = model.local is not None
 
         def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            p, mix = model(x)
+            p, mix, local = model.parts(x)
             loss = nll_of_probs(p, y)
             if has_local and cfg.aux_weight > 0:
                 loss = loss + cfg.aux_weight * nll_of_probs(mix, y)  # keeps the pool trained
+            if local is not None and cfg.local_loss_weight > 0:  # the local part a classifier on its own
+                loss = loss + cfg.local_loss_weight * nll_of_probs(local, y)
             if cfg.load_balance_weight > 0:
                 loss = loss + cfg.load_balance_weight * model.load_balance_loss()
             if cfg.prox_mu > 0:
