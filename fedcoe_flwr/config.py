@@ -86,11 +86,11 @@ class ExperimentConfig:
     load_balance_weight: float = 0.01  # lambda
     prox_mu: float = 0.01  # mu (FedProx, FedCoE)
     local_part: str = "head"
-    shared_trunk: bool = False  # experts share one trunk (averaged like FedAvg) and differ in their heads
+    shared_trunk: bool = True  # experts share one trunk (averaged like FedAvg) and differ in their heads
     gate_temperature: float = 1.0  # softmax temperature of the shared gate (< 1: sharper routing)
-    local_loss_weight: float = 0.0  # cross-entropy of the local part alone, added to the client's loss
-    local_prior_correction: bool = False  # the client's model re-weights the pool by its own label prior
-    global_balanced: bool = False  # the global model divides out the federation's predicted training prior
+    local_loss_weight: float = 1.0  # cross-entropy of the local part alone, added to the client's loss
+    local_prior_correction: bool = True  # the client's model re-weights the pool by its own label prior
+    global_balanced: bool = True  # the global model divides out the federation's predicted training prior
     local_gate: bool = True
     correlation_weighting: bool = True
     correlation_smoothing: float = 0.5

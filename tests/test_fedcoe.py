@@ -20,6 +20,17 @@ from fedcoe_flwr.data import load_client_data, load_dataset, normalize
 from fedcoe_flwr.strategy import validate_reply
 
 
+# This module switches each lever on explicitly: its configs start from the first design
+# (whole expert networks, no level-2 extras, raw global model); test_default_design_*
+# checks the shipped defaults.
+FIRST_DESIGN = dict(shared_trunk=False, local_prior_correction=False, local_loss_weight=0.0, global_balanced=False)
+
+
+@pytest.fixture
+def make_cfg(make_cfg):
+    return lambda **overrides: make_cfg(**{**FIRST_DESIGN, **overrides})
+
+
 def clone(arrays):
     return {k: v.clone() for k, v in arrays.items()}
 
@@ -717,3 +728,30 @@ def test_local_loss_weight_trains_the_local_part_as_a_classifier(make_cfg, cpu):
         return torch.nn.functional.nll_loss(torch.log(local), data.train_y).item()
 
     assert local_nll(cfg.replace(local_loss_weight=1.0)) < local_nll(cfg)
+
+
+def test_default_design_round_trip(tmp_path, cpu):
+    """The shipped defaults (shared trunk, local prior correction, local loss, balanced
+    global model): one client update validates, aggregates, and every prediction is a
+    probability vector."""
+    from fedcoe_flwr.config import ExperimentConfig, from_dict
+    from conftest import TINY
+    cfg = from_dict({**TINY, "cache_dir": str(tmp_path / "cache"), "model": "cnn"})
+    defaults = ExperimentConfig()
+    assert cfg.shared_trunk and cfg.local_prior_correction and cfg.global_balanced and cfg.local_loss_weight > 0
+    assert (defaults.shared_trunk, defaults.local_part, defaults.coldstart_prior) == (True, "head", "predicted")
+    algo = FedCoE()
+    state = algo.init_state(cfg, 4)
+    payload, config = algo.train_payload(state, cfg, 0, 1)
+    data = load_client_data(cfg, 0)
+    upload, private, metrics = algo.client_train(payload, config, None, data, cfg, 4, cpu, seed=0)
+    expected = algo.expected_upload(payload, config, cfg)
+    assert validate_reply(upload, metrics, expected, payload, cfg.max_update_norm_ratio) is None
+    new, diagnostics = algo.aggregate(state, [Reply(0, metrics["num_samples"], upload)], cfg, 1)
+    assert set(new.arrays) == set(state.arrays)
+    assert new.extra["train_prior"].sum() == pytest.approx(1.0, abs=1e-5)
+    x = normalize(data.test_x[:5])
+    with torch.no_grad():
+        for probs in (algo.global_predict(new, cfg, 4, cpu)(x),
+                      algo.client_predict(algo.eval_payload(new, cfg, 0)[0], config, private, cfg, 4, cpu)(x)):
+            assert probs.shape == (5, 4) and torch.allclose(probs.sum(1), torch.ones(5), atol=1e-5)

@@ -47,8 +47,9 @@ def fake_replies(strategy: MoEStrategy, server_round: int, poison: dict[int, str
     for msg in msgs:
         c = msg.metadata.dst_node_id - 100
         node, payload, pconfig = strategy._sent[c]
-        arrays = {k: v.clone() for k, v in payload.items()}
-        for key, (shape, dtype) in strategy.algorithm.expected_upload(payload, pconfig, strategy.cfg).items():
+        expected = strategy.algorithm.expected_upload(payload, pconfig, strategy.cfg)
+        arrays = {k: v.clone() for k, v in payload.items() if k in expected}  # read-only keys are not sent back
+        for key, (shape, dtype) in expected.items():
             if key not in arrays:  # FedCoE's correlation row and class marginal: probability vectors
                 arrays[key] = torch.full(shape, 1.0 / shape[0], dtype=dtype)
         first = next(k for k, v in arrays.items() if v.is_floating_point() and v.numel() > 1)
