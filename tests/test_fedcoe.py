@@ -501,6 +501,16 @@ def test_coldstart_accuracy_matches_a_direct_computation(make_cfg, cpu):
 
 
 # ============================================================== shared trunk, diagnostics, EM prior
+def client_model(algo, payload, config, private, cfg, cpu):
+    """The client's prediction function and the same model rebuilt by hand (experts 0, 1)."""
+    predict = algo.client_predict(payload, config, private, cfg, 4, cpu)
+    model = FedCoEModel(cfg, 4, [0, 1])
+    model.load_shared(payload)
+    model.load_private(private)
+    model.eval()
+    return predict, model
+
+
 def test_shared_trunk_payload_holds_one_trunk_and_expert_heads(make_cfg, cpu):
     cfg = make_cfg(model="cnn", shared_trunk=True, num_experts=3, norm="none")
     algo = FedCoE()
@@ -628,11 +638,7 @@ def test_expert_head_local_part_is_private_and_survives_a_reload(make_cfg, cpu):
     assert {k for k in private if k.startswith("local.")} == {
         "local.fc1.weight", "local.fc1.bias", "local.classifier.weight", "local.classifier.bias"}
     assert not any(k.startswith("local") for k in upload)
-    predict = algo.client_predict(payload, config, private, cfg, 4, cpu)
-    model = FedCoEModel(cfg, 4, [0, 1])
-    model.load_shared(payload)
-    model.load_private(private)
-    model.eval()
+    predict, model = client_model(algo, payload, config, private, cfg, cpu)
     x = normalize(data.test_x[:6])
     with torch.no_grad():
         h = model.trunk.trunk(x)
@@ -678,11 +684,7 @@ def test_local_prior_correction_reweights_the_pool_by_the_clients_labels(make_cf
                           cfg.max_update_norm_ratio) is None
     counts = torch.bincount(data.train_y, minlength=4).float()
     torch.testing.assert_close(private[LOCAL_PRIOR], (counts + 1) / (counts.sum() + 4))
-    predict = algo.client_predict(payload, config, private, cfg, 4, cpu)
-    model = FedCoEModel(cfg, 4, [0, 1])
-    model.load_shared(payload)
-    model.load_private(private)
-    model.eval()
+    predict, model = client_model(algo, payload, config, private, cfg, cpu)
     x = normalize(data.test_x[:6])
     with torch.no_grad():
         y, feats = model.mixture(x)
