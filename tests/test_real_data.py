@@ -109,7 +109,8 @@ def test_partition_and_one_fedcoe_client_step(subset, make_cfg, cpu, fresh_cache
     assert upload[CORRELATION].sum().item() == pytest.approx(1.0, abs=1e-5)
     expected = algo.expected_upload(payload, config, cfg)
     assert validate_reply(upload, metrics, expected, payload, cfg.max_update_norm_ratio) is None
-    assert private and all(k.startswith(("local.", "local_gate.")) for k in private)
+    assert private and all(k.startswith(("local.", "local_gate.", "local_prior")) for k in private)
+    assert not any(k.startswith("local") for k in upload)  # private parts never uploaded
 
     cold = load_client_data(cfg, cfg.num_clients)
     out = algo.client_coldstart(*algo.coldstart_payload(state, cfg), cold, cfg, data.num_classes, cpu)
