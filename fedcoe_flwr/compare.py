@@ -49,9 +49,10 @@ def run_one(config: str, label: str, overrides: dict[str, Any], seed: int, resul
     stem = Path(config).stem
     out = run_dir(results_dir, stem, label, seed)
     summary_path = out / "summary.json"
-    if summary_path.is_file() and json.loads(summary_path.read_text()).get("status") == "finished":
+    done = finished(out)
+    if done:
         print(f"[compare] {out.name}: finished earlier, skipped", flush=True)
-        return {**json.loads(summary_path.read_text()), "run_dir": str(out)}
+        return done
     resume = any((out / "checkpoints").glob("round-*.pt"))
     sets = {**overrides, "seed": seed, "run_name": out.name, "results_dir": str(results_dir), "resume": resume}
     cmd = [sys.executable, "-m", "fedcoe_flwr.simulate", "--config", config, "--set",
@@ -61,6 +62,16 @@ def run_one(config: str, label: str, overrides: dict[str, Any], seed: int, resul
     if proc.returncode != 0 or not summary_path.is_file():
         raise SystemExit(f"[compare] {out.name} failed (exit {proc.returncode}); rerun the same command to resume")
     return {**json.loads(summary_path.read_text()), "run_dir": str(out)}
+
+
+def finished(out: Path) -> dict[str, Any] | None:
+    """The summary of a finished run, or None."""
+    path = out / "summary.json"
+    if path.is_file():
+        summary = json.loads(path.read_text())
+        if summary.get("status") == "finished":
+            return {**summary, "run_dir": str(out)}
+    return None
 
 
 def history(out: Path, name: str = "metrics.jsonl") -> list[dict[str, Any]]:
@@ -86,8 +97,8 @@ def mean_std(values: list[float]) -> str:
 def table(rows: list[tuple[str, list[dict[str, Any]]]], num_clients: int) -> str:
     head = ("| method | global acc. % | personalised acc. % | cold-start acc. % | "
             "MB per client per round (down + up) | p2p MB relayed per client per round | s per round | "
-            "wall time s | global from |")
-    lines = [head, "|" + "---|" * 9]
+            "wall time s | seeds | global from |")
+    lines = [head, "|" + "---|" * 10]
     for label, summaries in rows:
         finals = [s.get("final", {}) for s in summaries]
         rounds = [max(1, s.get("rounds_completed", 1)) for s in summaries]
@@ -101,17 +112,21 @@ def table(rows: list[tuple[str, list[dict[str, Any]]]], num_clients: int) -> str
         cells = [mean_std([f.get(k) for f in finals]) for k, _ in METRICS]
         lines.append(f"| {label} | " + " | ".join(cells) +
                      f" | {np.mean(per_round):.3f} | {np.mean(p2p):.3f} | {np.mean(per_round_s):.1f} | "
-                     f"{np.mean(wall):.0f} | {source} |")
+                     f"{np.mean(wall):.0f} | {len(summaries)} | {source} |")
     return "\n".join(lines)
 
 
-def coldstart_table(rows: list[tuple[str, list[dict[str, Any]]]]) -> str:
-    """Every cold-start adaptation a run reported (on/off from the same run and pool)."""
-    keys = sorted({k for _, summaries in rows for s in summaries for k in s.get("final", {})
-                   if k.startswith("coldstart_accuracy_")})
+VARIANT_PREFIXES = ("global_accuracy_", "coldstart_accuracy_")
+
+
+def variants_table(rows: list[tuple[str, list[dict[str, Any]]]]) -> str:
+    """Every variant a run reported besides its configured one, from the same run and model:
+    the other global model (raw / balanced) and each cold-start adaptation on and off."""
+    keys = sorted({k for _, summaries in rows for s in summaries for k, v in s.get("final", {}).items()
+                   if k.startswith(VARIANT_PREFIXES) and isinstance(v, (int, float))})
     if not keys:
         return ""
-    lines = ["| method | " + " | ".join(k[len("coldstart_accuracy_"):] for k in keys) + " |",
+    lines = ["| method | " + " | ".join(k.replace("_accuracy_", " ") for k in keys) + " |",
              "|" + "---|" * (len(keys) + 1)]
     for label, summaries in rows:
         finals = [s.get("final", {}) for s in summaries]
@@ -167,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
     parser.add_argument("--results-dir", default="results")
     parser.add_argument("--out", default=None, help="where the table and plot go (default results/compare-<config>)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: the table and plot from the runs already finished")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, parse_overrides(args.set))  # fail fast on a bad config
     results_dir = Path(args.results_dir).resolve()
@@ -179,19 +196,25 @@ def main(argv: list[str] | None = None) -> int:
     common = parse_overrides(args.set)
     rows, curves = [], {}
     for label, overrides in methods:
-        summaries = [run_one(args.config, label, {**common, **overrides}, seed, results_dir, [])
-                     for seed in args.seeds]
+        if args.report_only:
+            summaries = [s for s in (finished(run_dir(results_dir, stem, label, seed)) for seed in args.seeds) if s]
+            if not summaries:
+                continue
+        else:
+            summaries = [run_one(args.config, label, {**common, **overrides}, seed, results_dir, [])
+                         for seed in args.seeds]
         rows.append((label, summaries))
-        curves[label] = [history(run_dir(results_dir, stem, label, s)) for s in args.seeds]
+        curves[label] = [history(Path(s["run_dir"])) for s in summaries]
     text = (f"Config `{args.config}`{' with ' + ' '.join(args.set) if args.set else ''}, seeds "
             f"{' '.join(map(str, args.seeds))}; final evaluation, mean ± std over seeds.\n"
             f"Command: `python -m fedcoe_flwr.compare --config {args.config} --seeds "
             f"{' '.join(map(str, args.seeds))} "
             f"{'--methods-file ' + args.methods_file if args.methods_file else '--methods ' + ' '.join(args.methods)}"
             f"{' --set ' + ' '.join(args.set) if args.set else ''}`\n\n" + table(rows, cfg.num_clients) + "\n")
-    cold = coldstart_table(rows)
-    if cold:
-        text += "\nCold-start adaptations (same pool, same clients; % mean ± std over seeds):\n\n" + cold + "\n"
+    variants = variants_table(rows)
+    if variants:
+        text += ("\nVariants measured in the same runs (the other global model; each cold-start adaptation on "
+                 "and off), % mean ± std over seeds:\n\n" + variants + "\n")
     (out / "comparison.md").write_text(text)
     plot(curves, out / "curves.png")
     print(text)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fedcoe_flwr.compare import coldstart_table, methods_from_file, parse_method, seconds_per_round, table
+from fedcoe_flwr.compare import methods_from_file, parse_method, seconds_per_round, table, variants_table
 
 
 def fake_run(tmp_path: Path, name: str, final: dict, round_times: list[float], bytes_down=4e6, bytes_up=2e6):
@@ -40,17 +40,18 @@ def test_table_mean_std_bytes_and_seconds_per_round(tmp_path):
     row = text.splitlines()[2]
     cells = [c.strip() for c in row.strip("|").split("|")]
     # mean ± population std over seeds, bytes per client per round: (4 + 2) MB / 2 rounds / 2 clients
-    assert cells == ["m", "45.00 ± 5.00", "70.00 ± 10.00", "25.00 ± 5.00", "1.500", "0.000", "3.0", "100",
+    assert cells == ["m", "45.00 ± 5.00", "70.00 ± 10.00", "25.00 ± 5.00", "1.500", "0.000", "3.0", "100", "2",
                      "global model"]
 
 
-def test_coldstart_table_lists_every_adaptation(tmp_path):
-    runs = [fake_run(tmp_path, "c0", {"coldstart_accuracy_plain": 0.2, "coldstart_accuracy_em": 0.4}, [1.0])]
+def test_variants_table_lists_every_variant(tmp_path):
+    runs = [fake_run(tmp_path, "c0", {"coldstart_accuracy_plain": 0.2, "coldstart_accuracy_em": 0.4,
+                                      "global_accuracy_raw": 0.5, "global_accuracy_source": "global model"}, [1.0])]
     other = [fake_run(tmp_path, "f0", {"coldstart_accuracy": 0.3}, [1.0])]
-    text = coldstart_table([("fedcoe", runs), ("fedavg", other)])
-    assert text.splitlines()[0] == "| method | em | plain |"
-    assert "| fedcoe | 40.00 ± 0.00 | 20.00 ± 0.00 |" in text and "fedavg" not in text
-    assert coldstart_table([("fedavg", other)]) == ""
+    text = variants_table([("fedcoe", runs), ("fedavg", other)])
+    assert text.splitlines()[0] == "| method | coldstart em | coldstart plain | global raw |"
+    assert "| fedcoe | 40.00 ± 0.00 | 20.00 ± 0.00 | 50.00 ± 0.00 |" in text and "fedavg" not in text
+    assert variants_table([("fedavg", other)]) == ""
 
 
 def test_methods_file(tmp_path):
@@ -79,3 +80,10 @@ def test_compare_runs_skips_and_writes_the_table(tmp_path):
     assert (tmp_path / "compare-smoke" / "curves.png").is_file()
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "finished earlier, skipped" in again.stdout
+    # --report-only runs nothing: a method never run is left out of the table
+    report = subprocess.run(cmd[:cmd.index("fedavg")] + ["fedavg", "fedprox"] + cmd[cmd.index("fedavg") + 1:]
+                            + ["--report-only"], capture_output=True, text=True, timeout=600)
+    assert report.returncode == 0 and "running" not in report.stdout
+    md = (tmp_path / "compare-smoke" / "comparison.md").read_text()
+    assert "| fedavg |" in md and "| fedprox |" not in md
+    assert not (tmp_path / "smoke-fedprox-s0").exists()
