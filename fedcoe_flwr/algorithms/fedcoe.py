@@ -8,7 +8,12 @@ Clients upload their trained experts, gate and correlation row (mean gate
 probabilities over their training data); the server aggregates each expert with
 smoothed, capped correlation weights and the gate with sample weights.
 With ``shared_trunk`` the experts share one trunk (the convolutions, averaged with
-sample weights like FedAvg) and differ in their heads (the rest of the network)."""
+sample weights like FedAvg) and differ in their heads (the rest of the network).
+Issue-8 levers (config keys, defaults set from the measured ablation in the README):
+``local_prior_correction`` (y re-weighted to the client's own label prior inside p_i),
+``local_loss_weight`` (the local part's own cross-entropy), ``global_balanced`` (the
+global model divides out the federation's predicted training prior), ``coldstart_prior``
+(EM's training prior: clients' mean predictions or uniform), ``gate_temperature``."""
 
 from __future__ import annotations
 
