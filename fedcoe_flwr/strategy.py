@@ -185,7 +185,7 @@ class MoEStrategy(Strategy):
         self.node_of: dict[int, int] = {}  # partition id -> node id
         self._sent: dict[int, tuple[int, dict[str, torch.Tensor], dict[str, Any]]] = {}
         self._global_test: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._experiment_record: ConfigRecord | None = None
+        self._experiment_record = experiment_record(cfg)  # the config never changes during a run
         self._last_eval: dict[str, Any] = {}
         self._train_bytes_down = 0
         self._round_started = 0.0
@@ -224,7 +224,7 @@ class MoEStrategy(Strategy):
             time.sleep(1.0)
             node_ids = list(grid.get_node_ids())
         # the experiment config lets a site (node config data-dir/site-id) find its client index
-        msgs = [Message(content=RecordDict({EXPERIMENT: experiment_record(self.cfg)}), dst_node_id=n,
+        msgs = [Message(content=RecordDict({EXPERIMENT: self._experiment_record}), dst_node_id=n,
                         message_type="query.profile") for n in node_ids]
         seen: dict[int, int] = {}
         extra: dict[int, dict[str, Any]] = {}  # new sites / surplus cold-start nodes: onboarded, not counted
@@ -272,7 +272,7 @@ class MoEStrategy(Strategy):
         self._pending = {}
         if new:
             self._known_nodes.update(new)
-            query = [Message(content=RecordDict({EXPERIMENT: experiment_record(self.cfg)}), dst_node_id=n,
+            query = [Message(content=RecordDict({EXPERIMENT: self._experiment_record}), dst_node_id=n,
                              message_type="query.profile") for n in new]
             for reply in grid.send_and_receive(query, timeout=self.cfg.round_timeout):
                 if reply.has_error():
@@ -325,8 +325,6 @@ class MoEStrategy(Strategy):
             array_record = records.get(ident)
             if array_record is None:
                 array_record = records[ident] = to_array_record(arrays)
-        if self._experiment_record is None:  # the config never changes during a run
-            self._experiment_record = experiment_record(self.cfg)
         content = RecordDict({ARRAYS: array_record, CONFIG: config_record(config),
                               EXPERIMENT: self._experiment_record})
         self.comm["bytes_down"] += array_bytes(arrays, relayed=False)

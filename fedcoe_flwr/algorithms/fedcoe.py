@@ -247,7 +247,7 @@ class FedCoEModel(nn.Module):
     def load_shared(self, arrays: Mapping[str, torch.Tensor]) -> None:
         self.gate.load_state_dict(unprefixed(GATE, arrays))
         if self.prior_correction and TRAIN_PRIOR in arrays:
-            self.train_prior.copy_(arrays[TRAIN_PRIOR].clamp_min(1e-6) / arrays[TRAIN_PRIOR].clamp_min(1e-6).sum())
+            self.train_prior.copy_(as_prior(arrays[TRAIN_PRIOR]))
         if self.trunk is not None:
             load_network_part(self.trunk, unprefixed(TRUNK, arrays), "trunk")
         for k in self.expert_ids:
@@ -341,13 +341,19 @@ def prior_correct(probs: torch.Tensor, prior: torch.Tensor, train_prior: torch.T
     return adjusted / adjusted.sum(1, keepdim=True).clamp_min(1e-12)
 
 
+def as_prior(values: Any) -> torch.Tensor:
+    """Class weights as a strictly positive distribution (float32, CPU): a zero entry would
+    make a prior correction divide by zero."""
+    prior = torch.as_tensor(values, dtype=torch.float32).cpu().clamp_min(1e-6)
+    return prior / prior.sum()
+
+
 def training_prior(arrays: Mapping[str, torch.Tensor], cfg: ExperimentConfig, num_classes: int) -> torch.Tensor:
     """The label distribution the pool was trained under, as EM needs it: the federation's
     sample-weighted mean prediction on the training clients' data (``coldstart_prior:
     predicted``, shipped in the cold-start package) or uniform."""
     if cfg.coldstart_prior == "predicted" and TRAIN_PRIOR in arrays:
-        prior = arrays[TRAIN_PRIOR].float().cpu().clamp_min(1e-6)
-        return prior / prior.sum()
+        return as_prior(arrays[TRAIN_PRIOR])
     return torch.full((num_classes,), 1.0 / num_classes)
 
 
@@ -366,23 +372,29 @@ def coldstart_evaluate(arrays: Mapping[str, torch.Tensor], data: ClientData, cfg
     def gate_row() -> torch.Tensor:
         return predict_probs(model.gate_probs, unlabeled, cfg, device).mean(0)
 
-    def scores(em_prior: torch.Tensor | None) -> float:
+    def scores(em_priors: dict[str, torch.Tensor | None]) -> dict[str, float]:
+        """Accuracy of the model as it is now, with no EM and with EM from each training prior:
+        the model's predictions are computed once, whatever the number of variants."""
         test_probs = predict_probs(lambda x: model.mixture(x)[0], data.test_x, cfg, device)
-        if em_prior is not None:
-            pool_probs = predict_probs(lambda x: model.mixture(x)[0], unlabeled, cfg, device)
-            test_probs = prior_correct(test_probs, em_label_prior(pool_probs, em_prior), em_prior)
-        return float((test_probs.argmax(1) == data.test_y).float().mean())
+        pool_probs = predict_probs(lambda x: model.mixture(x)[0], unlabeled, cfg, device)
+        out = {}
+        for name, em_prior in em_priors.items():
+            probs = test_probs if em_prior is None else prior_correct(
+                test_probs, em_label_prior(pool_probs, em_prior), em_prior)
+            out[name] = float((probs.argmax(1) == data.test_y).float().mean())
+        return out
 
     row = gate_row()
     if cfg.coldstart_top_m and cfg.experts_per_client < cfg.num_experts:
         model.expert_ids = expert_set(row.numpy(), cfg.experts_per_client, cfg.num_experts)
-    out: dict[str, Any] = {"coldstart_accuracy_plain": scores(None), "coldstart_accuracy_em": scores(train_prior)}
+    variants: dict[str, torch.Tensor | None] = {"plain": None, "em": train_prior}
     if not torch.equal(train_prior, uniform):
-        out["coldstart_accuracy_em_uniform"] = scores(uniform)
+        variants["em_uniform"] = uniform
+    adapted = scores(variants)
     adabn = reestimate_batchnorm(model, unlabeled, cfg, device)
     if adabn:
-        out["coldstart_accuracy_adabn"] = scores(None)
-        out["coldstart_accuracy_adabn_em"] = scores(train_prior)
+        adapted.update(scores({"adabn": None, "adabn_em": train_prior}))
+    out: dict[str, Any] = {"coldstart_accuracy_" + name: acc for name, acc in adapted.items()}
     parts = (["adabn"] if cfg.coldstart_adabn and adabn else []) + (["em"] if cfg.coldstart_em else [])
     out["coldstart_accuracy"] = out["coldstart_accuracy_" + ("_".join(parts) or "plain")]
     out["routing_row"] = [float(v) for v in row]
@@ -489,10 +501,9 @@ class FedCoE(Algorithm):
         top = cfg.experts_per_client if cfg.experts_per_client < cfg.num_experts else None
         if not cfg.global_balanced:
             return lambda x: model.mixture(x, per_sample_top=top)[0]
-        prior = torch.as_tensor(state.extra.get("train_prior", np.full(num_classes, 1.0 / num_classes)),
-                                dtype=torch.float32, device=device).clamp_min(1e-6)
+        prior = as_prior(state.extra.get("train_prior", np.full(num_classes, 1.0 / num_classes))).to(device)
         uniform = torch.full_like(prior, 1.0 / num_classes)
-        return lambda x: prior_correct(model.mixture(x, per_sample_top=top)[0], uniform, prior / prior.sum())
+        return lambda x: prior_correct(model.mixture(x, per_sample_top=top)[0], uniform, prior)
 
     # ---- client side
     def client_train(self, arrays, config, private, data, cfg, num_classes, device, seed):
