@@ -140,14 +140,18 @@ def weighted_average(states: list[Mapping[str, torch.Tensor]], weights: Iterable
     trim = int(trim_fraction * len(states))
     out: Arrays = {}
     for key, ref in states[0].items():
-        stacked = torch.stack([s[key].to(torch.float64) for s in states])
-        if method == "median":
-            avg = stacked.median(dim=0).values if len(states) % 2 else stacked.sort(dim=0).values[
-                len(states) // 2 - 1:len(states) // 2 + 1].mean(0)
-        elif method == "trimmed_mean" and trim > 0:
-            avg = stacked.sort(dim=0).values[trim:len(states) - trim].mean(0)
+        if method == "median" or (method == "trimmed_mean" and trim > 0):
+            stacked = torch.stack([s[key].to(torch.float64) for s in states])
+            if method == "median":
+                avg = stacked.median(dim=0).values if len(states) % 2 else stacked.sort(dim=0).values[
+                    len(states) // 2 - 1:len(states) // 2 + 1].mean(0)
+            else:
+                avg = stacked.sort(dim=0).values[trim:len(states) - trim].mean(0)
         else:
-            avg = torch.tensordot(w, stacked, dims=1)
+            # accumulated in place: stacking n float64 copies first was 15x slower (50 clients, 0.9M weights)
+            avg = torch.zeros(ref.shape, dtype=torch.float64)
+            for weight, s in zip(w.tolist(), states):
+                avg.add_(s[key], alpha=weight)
         out[key] = avg.round().to(ref.dtype) if not ref.is_floating_point() else avg.to(ref.dtype)
     return out
 
