@@ -73,6 +73,7 @@ class ExperimentConfig:
     # ---- models ----------------------------------------------------------
     model: str = "cnn"  # expert architecture (and the single model of FedAvg/FedProx)
     width_multiplier: float = 1.0  # >1 for capacity-matched FedAvg
+    cnn_hidden: int = 0  # units of the small CNN's first FC layer; 0 = 512 x width_multiplier
     resnet_depth: int = 8  # CIFAR ResNet, 6n+2
     resnet_width: int = 16
     inner_experts: int = 2  # E_in: MoE experts inside each ResNet-MoE convolution
@@ -198,7 +199,7 @@ def _check(cfg: ExperimentConfig) -> None:
         if getattr(cfg, key) < 1:
             bad(key, "must be >= 1")
     for key in ("eval_every", "num_coldstart_clients", "top_m", "train_subset", "global_test_subset",
-                "min_partition_size", "seed", "fedmoe_da_top_p"):
+                "min_partition_size", "seed", "fedmoe_da_top_p", "cnn_hidden"):
         if getattr(cfg, key) < 0:
             bad(key, "must be >= 0")
     for key in ("lr", "round_timeout", "fedmoe_da_tau", "serve_timeout", "gate_temperature"):

@@ -31,9 +31,9 @@ class SmallCNN(nn.Module):
     prefix: ``conv1`` (FedMoE-DA's embedding), ``conv1``+``conv2`` (FedPer's body),
     ``fc1``+``fc2`` (FedPer's head)."""
 
-    def __init__(self, num_classes: int, image_size: int = 32, width: float = 1.0):
+    def __init__(self, num_classes: int, image_size: int = 32, width: float = 1.0, hidden: int = 0):
         super().__init__()
-        c1, c2, hidden = int(32 * width), int(64 * width), int(512 * width)
+        c1, c2, hidden = int(32 * width), int(64 * width), hidden or int(512 * width)
         self.conv1 = nn.Conv2d(3, c1, 5)
         self.conv2 = nn.Conv2d(c1, c2, 5)
         side = ((image_size - 4) // 2 - 4) // 2
@@ -185,7 +185,11 @@ class GateNet(nn.Module):
 def build_expert(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
     if cfg.model == "resnet_moe":
         return ResNetMoE(num_classes, cfg)
-    return SmallCNN(num_classes, cfg.image_size, cfg.width_multiplier)
+    return small_cnn(cfg, num_classes)
+
+
+def small_cnn(cfg: ExperimentConfig, num_classes: int) -> SmallCNN:
+    return SmallCNN(num_classes, cfg.image_size, cfg.width_multiplier, cfg.cnn_hidden)
 
 
 def num_parameters(module: nn.Module) -> int:

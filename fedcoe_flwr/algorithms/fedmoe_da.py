@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ExperimentConfig
-from ..models import SmallCNN
+from ..models import small_cnn
 from .common import (Algorithm, Arrays, Reply, ServerState, prefixed, run_local_epochs, seeded_init,
                      state_of, unprefixed, weighted_average)
 from .fedper import require_cnn
@@ -102,7 +102,7 @@ class Embedding(nn.Module):
 
     def __init__(self, cfg: ExperimentConfig, num_classes: int):
         super().__init__()
-        self.conv1 = SmallCNN(num_classes, cfg.image_size, cfg.width_multiplier).conv1
+        self.conv1 = small_cnn(cfg, num_classes).conv1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.max_pool2d(F.relu(self.conv1(x)), 2)
@@ -113,7 +113,7 @@ class Expert(nn.Module):
 
     def __init__(self, cfg: ExperimentConfig, num_classes: int):
         super().__init__()
-        cnn = SmallCNN(num_classes, cfg.image_size, cfg.width_multiplier)
+        cnn = small_cnn(cfg, num_classes)
         self.conv2, self.fc1, self.classifier = cnn.conv2, cnn.fc1, cnn.classifier
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:

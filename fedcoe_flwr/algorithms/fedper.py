@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ExperimentConfig
-from ..models import SmallCNN
+from ..models import SmallCNN, small_cnn
 from .common import (Algorithm, Arrays, Reply, ServerState, prefixed, run_local_epochs, seeded_init,
                      state_of, unprefixed, weighted_average)
 
@@ -50,7 +50,7 @@ def require_cnn(cfg: ExperimentConfig, name: str) -> None:
 
 
 def build_cnn(cfg: ExperimentConfig, num_classes: int) -> SmallCNN:
-    return SmallCNN(num_classes, cfg.image_size, cfg.width_multiplier)
+    return small_cnn(cfg, num_classes)
 
 
 def initial_model(cfg: ExperimentConfig, num_classes: int) -> SmallCNN:
