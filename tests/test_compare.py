@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from fedcoe_flwr.compare import methods_from_file, parse_method, seconds_per_round, table, variants_table
+from fedcoe_flwr.config import load_config
 
 
 def fake_run(tmp_path: Path, name: str, final: dict, round_times: list[float], bytes_down=4e6, bytes_up=2e6):
@@ -62,8 +63,10 @@ def test_methods_file(tmp_path):
     bad.write_text("method: fedavg\n")
     with pytest.raises(SystemExit, match="must hold 'methods:'"):
         methods_from_file(str(bad))
-    for spec in methods_from_file("configs/methods/ablation_fedcoe.yaml"):  # the shipped ablation parses
-        parse_method(spec)
+    for path in sorted(Path("configs/methods").glob("*.yaml")):  # every shipped method list is valid
+        for spec in methods_from_file(str(path)):
+            _, overrides = parse_method(spec)
+            load_config("configs/compare_cifar10_dir0.1.yaml", overrides)
 
 
 @pytest.mark.slow

@@ -37,6 +37,29 @@ def test_width_multiplier_grows_the_cnn():
     assert num_parameters(wide) > 2 * num_parameters(small)
 
 
+
+def test_cnn_hidden_sets_the_fc_width_only():
+    cfg = from_dict({"model": "cnn", "image_size": 32, "width_multiplier": 1.0, "cnn_hidden": 128})
+    net = build_expert(cfg, 10)
+    assert net.fc1.out_features == net.feature_dim == 128 and net.conv2.out_channels == 64
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    default = build_expert(from_dict({"model": "cnn", "image_size": 32, "width_multiplier": 0.5}), 10)
+    assert default.feature_dim == 256  # 0 = 512 x width_multiplier
+
+
+def test_fedcoe_wide_trunk_narrow_heads_matches_the_capacity_matched_fedavg():
+    """FedCoE with a full-width trunk and four 128-unit heads has the parameter count of the
+    full-width CNN (FedAvg x4 in the comparison) to within 1%."""
+    from fedcoe_flwr.algorithms.fedcoe import FedCoEModel
+
+    cfg = from_dict({"model": "cnn", "width_multiplier": 1.0, "cnn_hidden": 128, "num_experts": 4})
+    model = FedCoEModel(cfg, 10, [0, 1, 2, 3], with_private=False)
+    shared = sum(p.numel() for n, p in model.named_parameters()
+                 if n.startswith(("gate.", "trunk.conv")) or (n.startswith("expert.") and ".conv" not in n))
+    fedavg_x4 = num_parameters(build_expert(from_dict({"model": "cnn", "width_multiplier": 1.0}), 10))
+    assert abs(shared - fedavg_x4) / fedavg_x4 < 0.01
+
+
 # ------------------------------------------------------------------ MoEConv2d
 def _per_sample_reference(conv: MoEConv2d, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
     """Per sample b: one plain conv with the kernel sum_e g_be W_e."""
