@@ -14,10 +14,12 @@ For each algorithm (default: fedavg fedcoe) and repeat, three fresh processes:
   seeds on the same data, the same aggregation -- no Flower, no Ray, no messages; torch
   with ``--plain-threads`` threads (default 1, as each actor), its data loaded inside
   round 1 as in the actors (``--warm-plain`` loads it before the clock);
-* ``reference`` (once per repeat, FedAvg): ``quickstart_ref.py``, a ClientApp written as
+* ``reference`` (per repeat, FedAvg): ``quickstart_ref.py``, a ClientApp written as
   Flower's quickstart-pytorch is (model built, partition loaded and transformed, weights
-  converted on every call) with Flower's FedAvg strategy, on the same workload and the
-  same Flower runtime (``simulate.install_fast_dispatch``).
+  converted on every call) with Flower's FedAvg strategy, on the same workload; run on
+  Flower's own simulation runtime (``stock``: what a user of the quickstart gets) and on
+  ours (``ours``: with ``simulate.install_fast_dispatch``, so that only the ClientApp's
+  style differs); ``--reference-runtime`` picks one or both.
 
 Timed: the R training rounds, from the start of round 1 to the aggregation of round R,
 after the set-up (Ray start, discovery of every node) in both processes; start-up is
@@ -131,7 +133,8 @@ def child_reference(args: argparse.Namespace) -> dict[str, Any]:
 
     from fedcoe_flwr.simulate import install_fast_dispatch
 
-    install_fast_dispatch()  # the same Flower runtime as ours: the difference is the ClientApp's style
+    if args.reference_runtime == "ours":  # our runtime: only the ClientApp's style differs
+        install_fast_dispatch()
     load0 = load_average()
     cfg = _run_config(args, "fedavg")
     train_config = {"data-path": args.hf_path, "batch-size": cfg["batch_size"], "local-epochs": cfg["local_epochs"],
@@ -207,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="plain loop: load every sampled client's data before the clock (default: cold, "
                              "loaded inside round 1 as the actors do)")
     parser.add_argument("--no-reference", action="store_true", help="skip the quickstart-style reference")
+    parser.add_argument("--reference-runtime", choices=["both", "stock", "ours"], default="both",
+                        help="Flower runtime of the reference: Flower's own ('stock'), ours ('ours': our "
+                             "message dispatcher) or both (default)")
     parser.add_argument("--reference-threads", type=int, default=0,
                         help="torch threads the reference sets per call (default 0: none, as the quickstart)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed to each run")
@@ -237,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_clients:
         common += ["--num-clients", args.num_clients]
     runs: dict[str, list[dict[str, Any]]] = {}
+    reference_runtimes = ["stock", "ours"] if args.reference_runtime == "both" else [args.reference_runtime]
     with tempfile.TemporaryDirectory(prefix="fedcoe-overhead-") as tmp:
         for rep in range(args.repeats):
             for algorithm in args.algorithms:
@@ -250,13 +257,13 @@ def main(argv: list[str] | None = None) -> int:
                           f"(start-up {res[kind]['startup_s']:.1f} s, {fmt_load(res[kind]['load'])})", flush=True)
                 res["max_dw"] = max_abs_diff(res["sim"]["out"], res["plain"]["out"])
                 runs.setdefault(algorithm, []).append(res)
-            if not args.no_reference:
-                out = str(Path(tmp) / f"reference-{rep}.pt")
-                ref = run_child("overhead.py", [*common, "--child", "reference", "--out", out, "--hf-path", hf_path],
-                                args.timeout)
-                print(f"[overhead] repeat {rep + 1} reference {'':9s} {ref['rounds_s']:8.2f} s "
+            for runtime in ([] if args.no_reference else reference_runtimes):
+                out = str(Path(tmp) / f"reference-{runtime}-{rep}.pt")
+                ref = run_child("overhead.py", [*common, "--child", "reference", "--reference-runtime", runtime,
+                                                "--out", out, "--hf-path", hf_path], args.timeout)
+                print(f"[overhead] repeat {rep + 1} reference {runtime:9s} {ref['rounds_s']:8.2f} s "
                       f"(start-up {ref['startup_s']:.1f} s, {fmt_load(ref['load'])})", flush=True)
-                runs.setdefault("reference", []).append({"sim": ref})
+                runs.setdefault(f"reference-{runtime}", []).append({"sim": ref})
 
     print(f"\n[overhead] medians over {args.repeats} repeat(s), {args.rounds} rounds of {args.clients} clients "
           f"(workload {args.workload}); 'steady' = rounds 2..R (actors and plain loop already warm):")
@@ -277,16 +284,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{algorithm:8s} simulation {sim:8.2f} s   plain loop {plain:8.2f} s   ratio {sim / plain:5.2f}{steady}   "
               f"(per repeat {' '.join(f'{x:.2f}' for x in ratios)}; sim/plain max|dw| "
               f"{max(r['max_dw'] for r in reps):.2g}; {fmt_load(loads)})")
-    if "reference" in runs:
-        reps = runs["reference"]
+    for runtime in ("stock", "ours"):
+        reps = runs.get(f"reference-{runtime}")
+        if not reps:
+            continue
         ref = median(r["sim"]["rounds_s"] for r in reps)
         loads = [x for r in reps for x in r["sim"]["load"]]
+        name = {"stock": "on Flower's own runtime", "ours": "on our runtime"}[runtime]
         if plain_ref is None:
-            print(f"reference simulation {ref:8.2f} s (no fedavg plain loop to compare with; add fedavg)")
+            print(f"reference {name} simulation {ref:8.2f} s (no fedavg plain loop to compare with; add fedavg)")
         else:
             ours = median(r["sim"]["rounds_s"] for r in runs["fedavg"])
-            print(f"quickstart-style reference (FedAvg) simulation {ref:8.2f} s   ratio {ref / plain_ref:5.2f} "
-                  f"vs the fedavg plain loop; ours is {ref / ours:.1f}x faster ({fmt_load(loads)})")
+            print(f"quickstart-style reference (FedAvg) {name}: simulation {ref:8.2f} s   ratio "
+                  f"{ref / plain_ref:5.2f} vs the fedavg plain loop; ours is {ref / ours:.1f}x faster "
+                  f"({fmt_load(loads)})")
     return 0
 
 
