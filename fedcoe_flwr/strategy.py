@@ -212,8 +212,9 @@ class MoEStrategy(Strategy):
 
     def restore(self, payload: Mapping[str, Any]) -> None:
         saved = payload["config"]
+        defaults = ExperimentConfig()  # a key newer than the checkpoint: it was saved at the default
         for key in RESUME_KEYS:
-            if saved.get(key) != getattr(self.cfg, key):
+            if saved.get(key, getattr(defaults, key)) != getattr(self.cfg, key):
                 raise FederationError(f"cannot resume: checkpoint has {key}={saved.get(key)!r}, "
                                       f"this run has {key}={getattr(self.cfg, key)!r}")
         self.state = ServerState(dict(payload["arrays"]), dict(payload["extra"]))

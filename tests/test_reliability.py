@@ -123,6 +123,16 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
         make_strategy(cfg.replace(num_experts=4, resume=True)).restore(payload)
 
 
+
+def test_resume_takes_a_key_newer_than_the_checkpoint_at_its_default(tmp_path):
+    cfg = tiny_cfg(tmp_path, algorithm="fedcoe")
+    payload = make_strategy(cfg).checkpoint_payload()
+    del payload["config"]["cnn_hidden"]  # a checkpoint written before the key existed
+    make_strategy(cfg.replace(resume=True)).restore(payload)  # saved at the default (0): resumes
+    with pytest.raises(FederationError, match="cnn_hidden"):
+        make_strategy(cfg.replace(cnn_hidden=64, resume=True)).restore(payload)
+
+
 # ------------------------------------------------------------------ real simulations
 def simulate(tmp_path: Path, client_app=None, **overrides) -> Path:
     from flwr.serverapp import ServerApp
