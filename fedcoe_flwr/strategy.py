@@ -214,8 +214,9 @@ class MoEStrategy(Strategy):
         saved = payload["config"]
         defaults = ExperimentConfig()  # a key newer than the checkpoint: it was saved at the default
         for key in RESUME_KEYS:
-            if saved.get(key, getattr(defaults, key)) != getattr(self.cfg, key):
-                raise FederationError(f"cannot resume: checkpoint has {key}={saved.get(key)!r}, "
+            saved_value = saved.get(key, getattr(defaults, key))
+            if saved_value != getattr(self.cfg, key):
+                raise FederationError(f"cannot resume: checkpoint has {key}={saved_value!r}, "
                                       f"this run has {key}={getattr(self.cfg, key)!r}")
         self.state = ServerState(dict(payload["arrays"]), dict(payload["extra"]))
         self.round, self.history = int(payload["round"]), list(payload["history"])

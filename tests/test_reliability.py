@@ -129,7 +129,7 @@ def test_resume_takes_a_key_newer_than_the_checkpoint_at_its_default(tmp_path):
     payload = make_strategy(cfg).checkpoint_payload()
     del payload["config"]["cnn_hidden"]  # a checkpoint written before the key existed
     make_strategy(cfg.replace(resume=True)).restore(payload)  # saved at the default (0): resumes
-    with pytest.raises(FederationError, match="cnn_hidden"):
+    with pytest.raises(FederationError, match="checkpoint has cnn_hidden=0, this run has cnn_hidden=64"):
         make_strategy(cfg.replace(cnn_hidden=64, resume=True)).restore(payload)
 
 

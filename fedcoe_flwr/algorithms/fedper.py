@@ -49,13 +49,9 @@ def require_cnn(cfg: ExperimentConfig, name: str) -> None:
                          f"set model: cnn (got model={cfg.model!r})")
 
 
-def build_cnn(cfg: ExperimentConfig, num_classes: int) -> SmallCNN:
-    return small_cnn(cfg, num_classes)
-
-
 def initial_model(cfg: ExperimentConfig, num_classes: int) -> SmallCNN:
     """The seeded initial model w^0: its body is the server's, its head every client's."""
-    return seeded_init(lambda: build_cnn(cfg, num_classes), cfg.seed)
+    return seeded_init(lambda: small_cnn(cfg, num_classes), cfg.seed)
 
 
 def split_state(state: Mapping[str, torch.Tensor], body_layers: tuple[str, ...] = BODY_LAYERS
@@ -74,7 +70,7 @@ def build_client_model(cfg: ExperimentConfig, num_classes: int, body: Mapping[st
     """Body from the server; head private (or the initial head when there is none yet)."""
     if head is None:
         head = split_state(state_of(initial_model(cfg, num_classes)), body_layers)[1]
-    model = build_cnn(cfg, num_classes)
+    model = small_cnn(cfg, num_classes)
     model.load_state_dict({**dict(body), **dict(head)}, strict=True)
     return model.to(device)
 
