@@ -17,6 +17,7 @@ PARTITIONS = ("dirichlet", "pathological", "iid")
 MODELS = ("cnn", "resnet_moe")
 NORMS = ("batch", "group", "none")
 LOCAL_PARTS = ("head", "expert_head", "expert", "none")
+GATE_INPUTS = ("image", "trunk")
 DEVICES = ("auto", "cpu", "cuda")
 
 # The run-config value that means "not overridden: keep the YAML / default value".
@@ -80,6 +81,7 @@ class ExperimentConfig:
     inner_top_k: int = 2
     norm: str = "batch"
     gate_width: int = 16
+    gate_input: str = "image"  # FedCoE gate over the raw image or over the shared trunk's features
     # ---- FedCoE ------------------------------------------------------------
     num_experts: int = 4  # K global experts
     top_m: int = 0  # experts per client; 0 -> all K
@@ -155,6 +157,7 @@ CHOICES = {
     "model": MODELS,
     "norm": NORMS,
     "local_part": LOCAL_PARTS,
+    "gate_input": GATE_INPUTS,
     "device": DEVICES,
     "robust_aggregation": ("mean", "median", "trimmed_mean"),
     "coldstart_prior": ("predicted", "uniform"),
@@ -213,6 +216,8 @@ def _check(cfg: ExperimentConfig) -> None:
         bad("model", f"algorithm '{cfg.algorithm}' splits the small CNN as its paper does: use model 'cnn'")
     if cfg.local_part == "expert_head" and not cfg.shared_trunk:
         bad("local_part", "'expert_head' sits on the shared trunk: set shared_trunk=true (or use 'head')")
+    if cfg.gate_input == "trunk" and not cfg.shared_trunk:
+        bad("gate_input", "'trunk' routes on the shared trunk's features: set shared_trunk=true (or use 'image')")
     if cfg.top_m > cfg.num_experts:
         bad("top_m", f"must be <= num_experts ({cfg.num_experts}); 0 means all experts")
     if cfg.inner_top_k > cfg.inner_experts:

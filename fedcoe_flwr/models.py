@@ -40,6 +40,7 @@ class SmallCNN(nn.Module):
         self.fc1 = nn.Linear(c2 * side * side, hidden)
         self.classifier = nn.Linear(hidden, num_classes)
         self.feature_dim = hidden
+        self.trunk_channels = c2
 
     trunk_prefixes = ("conv1.", "conv2.")  # FedCoE's shared trunk: the convolutions
 
@@ -142,6 +143,7 @@ class ResNetMoE(nn.Module):
         self.feature_dim = in_ch
         # FedCoE's shared trunk: the stem and every stage but the last
         self.split = len(layers) - blocks[-1]
+        self.trunk_channels = widths[-2] if len(widths) > 1 else w
         self.trunk_prefixes = ("stem.",) + tuple(f"blocks.{i}." for i in range(self.split))
 
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
@@ -168,13 +170,15 @@ class ResNetMoE(nn.Module):
 
 
 class GateNet(nn.Module):
-    """FedCoE's shared gate phi: a small CNN over the image -> logits over K experts."""
+    """FedCoE's shared gate phi: a small CNN -> logits over K experts. Over the image
+    (3 channels, two strided convolutions) or over the shared trunk's feature map
+    (``in_channels`` = the trunk's channels, already downsampled: stride 1)."""
 
-    def __init__(self, num_experts: int, width: int = 16):
+    def __init__(self, num_experts: int, width: int = 16, in_channels: int = 3, stride: int = 2):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(3, width, 3, 2, 1), nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 3, 2, 1), nn.ReLU(),
+            nn.Conv2d(in_channels, width, 3, stride, 1), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, stride, 1), nn.ReLU(),
         )
         self.out = nn.Linear(2 * width, num_experts)
 

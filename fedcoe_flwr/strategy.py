@@ -30,7 +30,7 @@ from . import onboard as onb
 # Model-defining keys a resumed run must share with its checkpoint.
 RESUME_KEYS = ("algorithm", "model", "num_experts", "dataset", "num_clients", "num_coldstart_clients",
                "partition", "dirichlet_alpha", "seed", "resnet_depth", "resnet_width", "inner_experts",
-               "width_multiplier", "cnn_hidden", "local_part", "gate_width")
+               "width_multiplier", "cnn_hidden", "local_part", "gate_width", "gate_input")
 
 
 class FederationError(RuntimeError):

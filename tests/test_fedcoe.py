@@ -654,6 +654,38 @@ def test_expert_head_needs_the_shared_trunk(make_cfg):
         make_cfg(model="cnn", local_part="expert_head")
 
 
+@pytest.mark.parametrize("model", ["cnn", "resnet_moe"])
+def test_gate_on_trunk_routes_on_the_trunks_features_and_trains_it(make_cfg, cpu, model):
+    cfg = make_cfg(model=model, shared_trunk=True, gate_input="trunk", num_experts=3, norm="none")
+    algo = FedCoE()
+    state = algo.init_state(cfg, 4)
+    net = FedCoEModel(cfg, 4, [0, 1, 2], with_private=False)
+    net.load_shared(state.arrays)
+    net.eval()
+    data = load_client_data(cfg, 0)
+    x = normalize(data.test_x[:5])
+    with torch.no_grad():
+        h = net.trunk.trunk(x)
+        torch.testing.assert_close(net.gate_probs(x), torch.softmax(net.gate(h), 1))
+        torch.testing.assert_close(net.gate_probs(x, h), net.gate_probs(x))
+    assert net.gate.body[0].in_channels == h.shape[1]
+    # a round trip: the upload validates and the gate's gradient reaches the trunk
+    payload, config = algo.train_payload(state, cfg, 0, 1)
+    upload, _, metrics = algo.client_train(payload, config, None, data, cfg, 4, cpu, seed=3)
+    assert validate_reply(upload, metrics, algo.expected_upload(payload, config, cfg), payload,
+                          cfg.max_update_norm_ratio) is None
+    net.zero_grad()
+    net.gate_probs(x)[:, 0].sum().backward()
+    first = next(p for name, p in net.trunk.named_parameters() if name.startswith(net.trunk.trunk_prefixes))
+    assert first.grad is not None and first.grad.abs().sum() > 0  # the trunk's first convolution
+
+
+def test_gate_on_trunk_needs_the_shared_trunk(make_cfg):
+    from fedcoe_flwr.config import ConfigError
+    with pytest.raises(ConfigError, match="gate_input.*shared_trunk=true"):
+        make_cfg(model="cnn", gate_input="trunk")
+
+
 def test_gate_temperature_sharpens_routing(make_cfg):
     cfg = make_cfg(num_experts=3, norm="group")
     sharp = cfg.replace(gate_temperature=0.25)

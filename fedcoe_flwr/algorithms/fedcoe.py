@@ -156,6 +156,15 @@ def load_network_part(net: nn.Module, arrays: Mapping[str, torch.Tensor], part: 
                        f"unexpected {unexpected[:3]}")
 
 
+def build_gate(cfg: ExperimentConfig, num_classes: int) -> GateNet:
+    """The shared gate: over the image, or (``gate_input: trunk``) over the shared trunk's
+    feature map, which the gate then helps train and which already encodes the class."""
+    if cfg.gate_input == "trunk":
+        channels = build_expert(cfg, num_classes).trunk_channels
+        return GateNet(cfg.num_experts, cfg.gate_width, in_channels=channels, stride=1)
+    return GateNet(cfg.num_experts, cfg.gate_width)
+
+
 class FedCoEModel(nn.Module):
     """The client's view: shared gate, its expert set, and (optionally) private parts."""
 
@@ -163,7 +172,8 @@ class FedCoEModel(nn.Module):
                  with_private: bool = True):
         super().__init__()
         self.expert_ids = list(expert_ids)
-        self.gate = GateNet(cfg.num_experts, cfg.gate_width)
+        self.gate = build_gate(cfg, num_classes)
+        self.gate_on_trunk = cfg.gate_input == "trunk"
         # with a shared trunk, only the trunk part of ``trunk`` and the head parts of the experts are used
         self.trunk = build_expert(cfg, num_classes) if cfg.shared_trunk else None
         self.expert_part = "head" if cfg.shared_trunk else "all"
@@ -187,20 +197,23 @@ class FedCoEModel(nn.Module):
             if cfg.local_gate:
                 self.local_gate = nn.Linear(dim, 1)
 
-    def gate_probs(self, x: torch.Tensor) -> torch.Tensor:
+    def gate_probs(self, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
+        """Routing probabilities; ``h``: the shared trunk's output for x, when the caller has it."""
+        if self.gate_on_trunk:
+            x = self.trunk.trunk(x) if h is None else h
         return F.softmax(self.gate(x) / self.gate_temperature, dim=1)
 
     def mixture(self, x: torch.Tensor, per_sample_top: int | None = None, h: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """y(x) over the expert set (renormalised gate), and the gate-mixed features.
         ``h``: the shared trunk's output for x, when the caller has it already."""
-        weights = self.gate_probs(x)[:, self.expert_ids]
+        if h is None and self.trunk is not None:
+            h = self.trunk.trunk(x)
+        weights = self.gate_probs(x, h)[:, self.expert_ids]
         if per_sample_top is not None and per_sample_top < len(self.expert_ids):
             top = weights.topk(per_sample_top, dim=1)
             weights = torch.zeros_like(weights).scatter(1, top.indices, top.values)
         weights = weights / weights.sum(1, keepdim=True).clamp_min(1e-12)
-        if h is None and self.trunk is not None:
-            h = self.trunk.trunk(x)
         probs, feats = 0.0, 0.0
         for j, k in enumerate(self.expert_ids):
             expert = self.expert[str(k)]
@@ -408,7 +421,7 @@ class FedCoE(Algorithm):
     has_global_model = True
 
     def init_state(self, cfg: ExperimentConfig, num_classes: int) -> ServerState:
-        arrays = prefixed(GATE, state_of(seeded_init(lambda: GateNet(cfg.num_experts, cfg.gate_width), cfg.seed)))
+        arrays = prefixed(GATE, state_of(seeded_init(lambda: build_gate(cfg, num_classes), cfg.seed)))
         part = "head" if cfg.shared_trunk else "all"
         if cfg.shared_trunk:
             trunk = seeded_init(lambda: build_expert(cfg, num_classes), cfg.seed * 1000)
