@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import ALGORITHMS, load_config
+from .config import ALGORITHMS, FEDCOE_ONLY_KEYS, load_config, saved_config
 from .simulate import parse_overrides
 
 METRICS = (("global_accuracy", "global"), ("personalized_accuracy", "personalised"),
@@ -51,6 +51,7 @@ def run_one(config: str, label: str, overrides: dict[str, Any], seed: int, resul
     summary_path = out / "summary.json"
     done = finished(out)
     if done:
+        refuse_if_stale(done, config, overrides, seed)
         print(f"[compare] {out.name}: finished earlier, skipped", flush=True)
         return done
     resume = any((out / "checkpoints").glob("round-*.pt"))
@@ -62,6 +63,31 @@ def run_one(config: str, label: str, overrides: dict[str, Any], seed: int, resul
     if proc.returncode != 0 or not summary_path.is_file():
         raise SystemExit(f"[compare] {out.name} failed (exit {proc.returncode}); rerun the same command to resume")
     return {**json.loads(summary_path.read_text()), "run_dir": str(out)}
+
+
+# Keys that say where and how a run ran, not what it computed.
+BOOKKEEPING_KEYS = frozenset({"run_name", "results_dir", "resume", "resume_from", "config_path", "data_root",
+                              "cache_dir", "device", "keep_checkpoints", "round_timeout", "wait_for_nodes"})
+
+
+def stale_keys(summary: dict[str, Any], config: str, overrides: dict[str, Any], seed: int
+               ) -> list[tuple[str, Any, Any]]:
+    """(key, the finished run's value, the requested value) for every computing key that
+    differs (FedCoE's own keys only for FedCoE): a run finished under older defaults must
+    not stand in for the requested one.
+    A key the run's config lacks (added later) counts as it ran (``config.saved_config``)."""
+    requested = load_config(config, {**overrides, "seed": seed}).to_dict()
+    ran = saved_config(summary.get("config", {}))
+    ignored = BOOKKEEPING_KEYS | (FEDCOE_ONLY_KEYS if requested["algorithm"] != "fedcoe" else frozenset())
+    return [(k, ran[k], v) for k, v in requested.items() if k not in ignored and ran[k] != v]
+
+
+def refuse_if_stale(summary: dict[str, Any], config: str, overrides: dict[str, Any], seed: int) -> None:
+    diff = stale_keys(summary, config, overrides, seed)
+    if diff:
+        shown = ", ".join(f"{k}: ran {a!r}, requested {b!r}" for k, a, b in diff[:5])
+        raise SystemExit(f"[compare] {Path(summary['run_dir']).name} finished under a different config ({shown}); "
+                         "move that folder aside or give the method another label")
 
 
 def finished(out: Path) -> dict[str, Any] | None:
@@ -198,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     for label, overrides in methods:
         if args.report_only:
             summaries = [s for s in (finished(run_dir(results_dir, stem, label, seed)) for seed in args.seeds) if s]
+            for seed, summary in zip(args.seeds, summaries):
+                refuse_if_stale(summary, args.config, {**common, **overrides}, summary.get("seed", seed))
             if not summaries:
                 continue
         else:

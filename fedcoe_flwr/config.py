@@ -81,11 +81,11 @@ class ExperimentConfig:
     inner_top_k: int = 2
     norm: str = "batch"
     gate_width: int = 16
-    gate_input: str = "image"  # FedCoE gate over the raw image or over the shared trunk's features
+    gate_input: str = "trunk"  # FedCoE gate over the shared trunk's features or the raw image ("image")
     # ---- FedCoE ------------------------------------------------------------
     num_experts: int = 4  # K global experts
     top_m: int = 0  # experts per client; 0 -> all K
-    aux_weight: float = 1.0
+    aux_weight: float = 2.0  # weight of the global mixture's own loss (2 chosen over 1 and 3, README issue-8 section)
     load_balance_weight: float = 0.01  # lambda
     prox_mu: float = 0.01  # mu (FedProx, FedCoE)
     local_part: str = "head"
@@ -253,6 +253,26 @@ def _check(cfg: ExperimentConfig) -> None:
         bad("pfedmoe_local_widths", "must be comma-separated positive numbers, e.g. '1.0,2.0'")
     if cfg.image_size < 8:
         bad("image_size", "must be >= 8")
+
+
+# Keys only FedCoE reads: every other method runs the same whatever their values.
+FEDCOE_ONLY_KEYS = frozenset({
+    "top_m", "aux_weight", "local_part", "shared_trunk", "gate_temperature", "gate_input", "gate_width",
+    "local_loss_weight", "local_prior_correction", "global_balanced", "local_gate", "correlation_weighting",
+    "correlation_smoothing", "correlation_cap", "coldstart_adabn", "coldstart_em", "coldstart_top_m",
+    "coldstart_prior"})
+
+
+# What a saved config (checkpoint, summary) that lacks a key meant: the behaviour the code
+# had before the key existed, where that is not the key's default today.
+VALUE_BEFORE_KEY: dict[str, Any] = {"gate_input": "image"}
+
+
+def saved_config(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved config's values with every key it lacks filled in as it ran: the value the
+    code had before the key existed, else the default."""
+    before = {k: v for k, v in VALUE_BEFORE_KEY.items() if k not in saved}
+    return {**ExperimentConfig().to_dict(), **before, **saved}
 
 
 def from_dict(values: Mapping[str, Any]) -> ExperimentConfig:

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 import torch
 
-from .config import ExperimentConfig, from_dict
+from .config import ExperimentConfig, from_dict, saved_config
 from .records import tensors_crc
 from .data import IMAGE_SUFFIXES, ClientData, DataError, federation_classes, to_tensor_images
 
@@ -96,7 +96,7 @@ def load_checkpoint(source: str | os.PathLike) -> tuple[dict[str, Any], Path, Pa
 def serving_config(checkpoint_config: Mapping[str, Any], serving: ExperimentConfig) -> ExperimentConfig:
     """The checkpoint's config (it defines the model and the label space) with the
     serving run's run-time keys."""
-    values = dict(checkpoint_config)
+    values = saved_config(checkpoint_config)
     for key in SERVE_KEYS:
         values[key] = getattr(serving, key)
     return from_dict(values)

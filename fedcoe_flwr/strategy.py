@@ -19,7 +19,7 @@ from flwr.serverapp.strategy import Strategy
 
 from .algorithms import get_algorithm
 from .algorithms.common import Reply, ServerState, accuracy
-from .config import ExperimentConfig
+from .config import ExperimentConfig, saved_config
 from .data import federation_classes, load_global_test
 from .models import pick_device
 from .records import (ARRAYS, CONFIG, EXPERIMENT, METRICS, array_bytes, config_record,
@@ -211,10 +211,9 @@ class MoEStrategy(Strategy):
                 "rng": self.rng.bit_generator.state, "config": self.cfg.to_dict()}
 
     def restore(self, payload: Mapping[str, Any]) -> None:
-        saved = payload["config"]
-        defaults = ExperimentConfig()  # a key newer than the checkpoint: it was saved at the default
+        saved = saved_config(payload["config"])  # a key newer than the checkpoint: the value it ran with
         for key in RESUME_KEYS:
-            saved_value = saved.get(key, getattr(defaults, key))
+            saved_value = saved[key]
             if saved_value != getattr(self.cfg, key):
                 raise FederationError(f"cannot resume: checkpoint has {key}={saved_value!r}, "
                                       f"this run has {key}={getattr(self.cfg, key)!r}")

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from fedcoe_flwr.compare import methods_from_file, parse_method, seconds_per_round, table, variants_table
+from fedcoe_flwr.compare import (methods_from_file, parse_method, refuse_if_stale, seconds_per_round, stale_keys,
+                                 table, variants_table)
 from fedcoe_flwr.config import load_config
 
 
@@ -53,6 +54,26 @@ def test_variants_table_lists_every_variant(tmp_path):
     assert text.splitlines()[0] == "| method | coldstart em | coldstart plain | global raw |"
     assert "| fedcoe | 40.00 ± 0.00 | 20.00 ± 0.00 | 50.00 ± 0.00 |" in text and "fedavg" not in text
     assert variants_table([("fedavg", other)]) == ""
+
+
+def test_a_run_finished_under_other_defaults_is_not_reused(tmp_path):
+    config = "configs/compare_cifar10_dir0.1.yaml"
+    ran = load_config(config, {"algorithm": "fedcoe", "seed": 1}).to_dict()
+    summary = {"config": {**ran, "run_name": "elsewhere", "results_dir": "/x"}, "run_dir": str(tmp_path / "r-s1")}
+    assert stale_keys(summary, config, {"algorithm": "fedcoe"}, 1) == []  # bookkeeping keys do not count
+    summary["config"]["aux_weight"] = 1.0  # finished under an older default
+    assert stale_keys(summary, config, {"algorithm": "fedcoe"}, 1) == [("aux_weight", 1.0, ran["aux_weight"])]
+    with pytest.raises(SystemExit, match=r"r-s1 finished under a different config \(aux_weight: ran 1.0"):
+        refuse_if_stale(summary, config, {"algorithm": "fedcoe"}, 1)
+    assert stale_keys(summary, config, {"algorithm": "fedcoe", "aux_weight": 1.0}, 1) == []
+    del summary["config"]["gate_input"]  # written before the key existed: it ran the gate over the image
+    assert [k for k, *_ in stale_keys(summary, config, {"algorithm": "fedcoe", "aux_weight": 1.0}, 1)] == ["gate_input"]
+    # FedCoE's own keys do not make a FedAvg run stale; a key FedAvg reads does
+    fedavg = {"config": {**load_config(config, {"algorithm": "fedavg", "seed": 1}).to_dict(), "aux_weight": 0.0},
+              "run_dir": "r"}
+    assert stale_keys(fedavg, config, {"algorithm": "fedavg"}, 1) == []
+    fedavg["config"]["lr"] = 0.1
+    assert stale_keys(fedavg, config, {"algorithm": "fedavg"}, 1) == [("lr", 0.1, 0.01)]
 
 
 def test_methods_file(tmp_path):

@@ -23,7 +23,8 @@ from fedcoe_flwr.strategy import validate_reply
 # This module switches each lever on explicitly: its configs start from the first design
 # (whole expert networks, no level-2 extras, raw global model); test_default_design_*
 # checks the shipped defaults.
-FIRST_DESIGN = dict(shared_trunk=False, local_prior_correction=False, local_loss_weight=0.0, global_balanced=False)
+FIRST_DESIGN = dict(shared_trunk=False, gate_input="image", aux_weight=1.0, local_prior_correction=False,
+                    local_loss_weight=0.0, global_balanced=False)
 
 
 @pytest.fixture

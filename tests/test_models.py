@@ -48,8 +48,9 @@ def test_cnn_hidden_sets_the_fc_width_only():
 
 
 def test_fedcoe_wide_trunk_narrow_heads_matches_the_capacity_matched_fedavg():
-    """FedCoE with a full-width trunk and four 128-unit heads has the parameter count of the
-    full-width CNN (FedAvg x4 in the comparison) to within 1%."""
+    """FedCoE with a full-width trunk, four 128-unit heads and its gate on the trunk's features
+    has the parameter count of the full-width CNN (FedAvg x4 in the comparison) to within 2%
+    (893k against 879k)."""
     from fedcoe_flwr.algorithms.fedcoe import FedCoEModel
 
     cfg = from_dict({"model": "cnn", "width_multiplier": 1.0, "cnn_hidden": 128, "num_experts": 4})
@@ -57,7 +58,7 @@ def test_fedcoe_wide_trunk_narrow_heads_matches_the_capacity_matched_fedavg():
     shared = sum(p.numel() for n, p in model.named_parameters()
                  if n.startswith(("gate.", "trunk.conv")) or (n.startswith("expert.") and ".conv" not in n))
     fedavg_x4 = num_parameters(build_expert(from_dict({"model": "cnn", "width_multiplier": 1.0}), 10))
-    assert abs(shared - fedavg_x4) / fedavg_x4 < 0.01
+    assert 0 <= (shared - fedavg_x4) / fedavg_x4 < 0.02
 
 
 # ------------------------------------------------------------------ MoEConv2d

@@ -133,6 +133,16 @@ def test_resume_takes_a_key_newer_than_the_checkpoint_at_its_default(tmp_path):
         make_strategy(cfg.replace(cnn_hidden=64, resume=True)).restore(payload)
 
 
+def test_resume_takes_a_key_that_changed_behaviour_as_the_checkpoint_ran(tmp_path):
+    """A checkpoint from before gate_input existed ran a gate over the image, not today's default."""
+    cfg = tiny_cfg(tmp_path, algorithm="fedcoe", gate_input="image")
+    payload = make_strategy(cfg).checkpoint_payload()
+    del payload["config"]["gate_input"]
+    make_strategy(cfg.replace(resume=True)).restore(payload)
+    with pytest.raises(FederationError, match="checkpoint has gate_input='image', this run has gate_input='trunk'"):
+        make_strategy(cfg.replace(gate_input="trunk", resume=True)).restore(payload)
+
+
 # ------------------------------------------------------------------ real simulations
 def simulate(tmp_path: Path, client_app=None, **overrides) -> Path:
     from flwr.serverapp import ServerApp
