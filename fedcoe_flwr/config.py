@@ -81,7 +81,6 @@ class ExperimentConfig:
     inner_top_k: int = 2
     norm: str = "batch"
     gate_width: int = 16
-    gate_input: str = "trunk"  # FedCoE gate over the shared trunk's features or the raw image ("image")
     # ---- FedCoE ------------------------------------------------------------
     num_experts: int = 4  # K global experts
     top_m: int = 0  # experts per client; 0 -> all K
@@ -90,6 +89,7 @@ class ExperimentConfig:
     prox_mu: float = 0.01  # mu (FedProx, FedCoE)
     local_part: str = "head"
     shared_trunk: bool = True  # experts share one trunk (averaged like FedAvg) and differ in their heads
+    gate_input: str = "trunk"  # FedCoE gate over the shared trunk's features or the raw image ("image")
     gate_temperature: float = 1.0  # softmax temperature of the shared gate (< 1: sharper routing)
     local_loss_weight: float = 1.0  # cross-entropy of the local part alone, added to the client's loss
     local_prior_correction: bool = True  # the client's model re-weights the pool by its own label prior

@@ -143,7 +143,7 @@ class ResNetMoE(nn.Module):
         self.feature_dim = in_ch
         # FedCoE's shared trunk: the stem and every stage but the last
         self.split = len(layers) - blocks[-1]
-        self.trunk_channels = widths[-2] if len(widths) > 1 else w
+        self.trunk_channels = widths[-2]
         self.trunk_prefixes = ("stem.",) + tuple(f"blocks.{i}." for i in range(self.split))
 
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
