@@ -255,6 +255,12 @@ def _check(cfg: ExperimentConfig) -> None:
         bad("image_size", "must be >= 8")
 
 
+# Keys that define the model and its label space: a checkpoint only fits a run that shares them.
+MODEL_KEYS = ("algorithm", "model", "num_experts", "resnet_depth", "resnet_width", "inner_experts", "inner_top_k",
+              "width_multiplier", "cnn_hidden", "local_part", "shared_trunk", "gate_temperature", "gate_width",
+              "gate_input", "norm", "image_size", "class_names", "dataset", "synthetic_num_classes")
+
+
 # Keys only FedCoE reads: every other method runs the same whatever their values.
 FEDCOE_ONLY_KEYS = frozenset({
     "top_m", "aux_weight", "local_part", "shared_trunk", "gate_temperature", "gate_input", "gate_width",

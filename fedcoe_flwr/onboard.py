@@ -44,10 +44,6 @@ ALLOWED_METRICS = frozenset({
 # Keys of a serving run's config taken from the serving run instead of the checkpoint.
 SERVE_KEYS = ("device", "round_timeout", "wait_for_nodes", "coldstart_adabn", "coldstart_em", "coldstart_top_m",
               "coldstart_prior", "eval_batch_size", "serve_from", "serve_max_nodes", "serve_timeout", "results_dir")
-# Model-defining keys a serving run must not change (the package would not fit the model).
-MODEL_KEYS = ("algorithm", "model", "num_experts", "resnet_depth", "resnet_width", "inner_experts", "inner_top_k",
-              "width_multiplier", "cnn_hidden", "local_part", "shared_trunk", "gate_temperature", "gate_width", "gate_input",
-              "norm", "image_size", "class_names", "dataset", "synthetic_num_classes")
 
 
 class OnboardingError(RuntimeError):

@@ -19,7 +19,7 @@ from flwr.serverapp.strategy import Strategy
 
 from .algorithms import get_algorithm
 from .algorithms.common import Reply, ServerState, accuracy
-from .config import ExperimentConfig, saved_config
+from .config import MODEL_KEYS, ExperimentConfig, saved_config
 from .data import federation_classes, load_global_test
 from .models import pick_device
 from .records import (ARRAYS, CONFIG, EXPERIMENT, METRICS, array_bytes, config_record,
@@ -27,10 +27,8 @@ from .records import (ARRAYS, CONFIG, EXPERIMENT, METRICS, array_bytes, config_r
 from .results import ResultsWriter
 from . import onboard as onb
 
-# Model-defining keys a resumed run must share with its checkpoint.
-RESUME_KEYS = ("algorithm", "model", "num_experts", "dataset", "num_clients", "num_coldstart_clients",
-               "partition", "dirichlet_alpha", "seed", "resnet_depth", "resnet_width", "inner_experts",
-               "width_multiplier", "cnn_hidden", "local_part", "gate_width", "gate_input")
+# Keys a resumed run must share with its checkpoint: the model's and the partitions'.
+RESUME_KEYS = MODEL_KEYS + ("num_clients", "num_coldstart_clients", "partition", "dirichlet_alpha", "seed")
 
 
 class FederationError(RuntimeError):
