@@ -224,8 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     for label, overrides in methods:
         if args.report_only:
             summaries = [s for s in (finished(run_dir(results_dir, stem, label, seed)) for seed in args.seeds) if s]
-            for seed, summary in zip(args.seeds, summaries):
-                refuse_if_stale(summary, args.config, {**common, **overrides}, summary.get("seed", seed))
+            for summary in summaries:  # a missing seed drops out, so each summary names its own
+                refuse_if_stale(summary, args.config, {**common, **overrides}, summary["seed"])
             if not summaries:
                 continue
         else:
