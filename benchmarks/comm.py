@@ -57,12 +57,12 @@ def measure(experts: int, top_m: int, clients: int, args: argparse.Namespace) ->
     import torch
 
     from fedcoe_flwr.algorithms import get_algorithm
-    from fedcoe_flwr.algorithms.common import Reply
-    from fedcoe_flwr.client import client_seed
+    from fedcoe_flwr.algorithms.base import ClientStep, Reply
+    from fedcoe_flwr.client.node import client_seed
     from fedcoe_flwr.config import config_from_run_config
     from fedcoe_flwr.data import federation_classes, load_client_data
     from fedcoe_flwr.records import array_bytes
-    from fedcoe_flwr.server import absolute_paths
+    from fedcoe_flwr.server.run import absolute_paths
 
     torch.set_num_threads(1)
     extra = {"width_multiplier": args.width}
@@ -84,9 +84,7 @@ def measure(experts: int, top_m: int, clients: int, args: argparse.Namespace) ->
         for client in range(clients):
             payload, pconfig = algo.train_payload(state, cfg, client, server_round)
             pconfig = {**pconfig, "server_round": server_round}
-            upload, private, metrics = algo.client_train(
-                payload, pconfig, privates.get(client), load_client_data(cfg, client), cfg, num_classes,
-                torch.device("cpu"), client_seed(cfg, client, server_round))
+            upload, private, metrics = algo.client_train(ClientStep(arrays=payload, config=pconfig, private=privates.get(client), data=load_client_data(cfg, client), cfg=cfg, num_classes=num_classes, device=torch.device("cpu"), seed=client_seed(cfg, client, server_round)))
             if private:
                 privates[client] = private
             down.append(array_bytes(payload))

@@ -77,12 +77,12 @@ def child_plain(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from fedcoe_flwr.algorithms import get_algorithm
-    from fedcoe_flwr.algorithms.common import Reply
-    from fedcoe_flwr.client import client_seed
+    from fedcoe_flwr.algorithms.base import ClientStep, Reply
+    from fedcoe_flwr.client.node import client_seed
     from fedcoe_flwr.config import config_from_run_config
     from fedcoe_flwr.data import federation_classes, load_client_data
     from fedcoe_flwr import data as data_mod
-    from fedcoe_flwr.server import absolute_paths
+    from fedcoe_flwr.server.run import absolute_paths
 
     load0 = load_average()
     if args.plain_threads:
@@ -110,9 +110,7 @@ def child_plain(args: argparse.Namespace) -> dict[str, Any]:
         replies = []
         for client in clients:
             payload, pconfig = algo.train_payload(state, cfg, client, server_round)
-            upload, private, metrics = algo.client_train(
-                payload, {**pconfig, "server_round": server_round}, privates.get(client),
-                load_client_data(cfg, client), cfg, num_classes, device, client_seed(cfg, client, server_round))
+            upload, private, metrics = algo.client_train(ClientStep(arrays=payload, config={**pconfig, "server_round": server_round}, private=privates.get(client), data=load_client_data(cfg, client), cfg=cfg, num_classes=num_classes, device=device, seed=client_seed(cfg, client, server_round)))
             if private:
                 privates[client] = private
             replies.append(Reply(client, int(metrics["num_samples"]), upload, metrics))
@@ -131,7 +129,7 @@ def child_reference(args: argparse.Namespace) -> dict[str, Any]:
     from quickstart_ref import app as client_app
     from quickstart_ref import make_server
 
-    from fedcoe_flwr.simulate import install_fast_dispatch
+    from fedcoe_flwr.compat import install_fast_dispatch
 
     if args.reference_runtime == "ours":  # our runtime: only the ClientApp's style differs
         install_fast_dispatch()
@@ -163,7 +161,7 @@ def prepare_reference_data(args: argparse.Namespace) -> str:
 
     from fedcoe_flwr.config import config_from_run_config
     from fedcoe_flwr.data import load_dataset
-    from fedcoe_flwr.server import absolute_paths
+    from fedcoe_flwr.server.run import absolute_paths
 
     cfg = absolute_paths(config_from_run_config(_run_config(args, "fedavg"), str(ROOT)), ROOT)
     data = load_dataset(cfg)

@@ -3,31 +3,32 @@
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedcoe_flwr import client
+from fedcoe_flwr.client import handlers
+from fedcoe_flwr.client.onboarding import handle_onboard
 
 app = ClientApp()
 
 
 @app.query("profile")
 def profile(msg: Message, context: Context) -> Message:
-    return client.handle_profile(msg, context)
+    return handlers.handle_profile(msg, context)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    return client.handle_train(msg, context)
+    return handlers.handle_train(msg, context)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    return client.handle_evaluate(msg, context)
+    return handlers.handle_evaluate(msg, context)
 
 
 @app.evaluate("coldstart")
 def coldstart(msg: Message, context: Context) -> Message:
-    return client.handle_coldstart(msg, context)
+    return handlers.handle_coldstart(msg, context)
 
 
 @app.query("onboard")
 def onboard(msg: Message, context: Context) -> Message:
-    return client.handle_onboard(msg, context)
+    return handle_onboard(msg, context)

@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from .config import ALGORITHMS, FEDCOE_ONLY_KEYS, load_config, saved_config
+from .algorithms import REGISTRY as ALGORITHMS
+from .config import load_config, method_only_keys, saved_config
 from .simulate import parse_overrides
 
 METRICS = (("global_accuracy", "global"), ("personalized_accuracy", "personalised"),
@@ -78,7 +79,7 @@ def stale_keys(summary: dict[str, Any], config: str, overrides: dict[str, Any], 
     A key the run's config lacks (added later) counts as it ran (``config.saved_config``)."""
     requested = load_config(config, {**overrides, "seed": seed}).to_dict()
     ran = saved_config(summary.get("config", {}))
-    ignored = BOOKKEEPING_KEYS | (FEDCOE_ONLY_KEYS if requested["algorithm"] != "fedcoe" else frozenset())
+    ignored = BOOKKEEPING_KEYS | method_only_keys(requested["algorithm"])
     return [(k, ran[k], v) for k, v in requested.items() if k not in ignored and ran[k] != v]
 
 

@@ -1,40 +1,82 @@
-"""One typed experiment config: loaded from YAML, overridden from ``--run-config``,
-validated once before any training starts."""
+"""The experiment config in typed sections, loaded from YAML, overridden from
+``--run-config`` and validated once before any training starts.
+
+YAML files and ``--run-config`` use flat keys (``lr: 0.05``); every key belongs to
+exactly one generic section (run, storage, data, model, training, onboarding) or to the
+parameter sections of the methods that read it (``cfg.methods["fedcoe"].aux_weight``;
+each method declares its ``Params`` in its own module under ``algorithms/``). Keys are
+unique across the generic sections, so a flat read ``cfg.lr`` is the same as
+``cfg.training.lr``. Every key list (all keys, those that define a checkpoint, those a
+method ignores) is derived from the sections."""
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
-from dataclasses import dataclass, fields
+import re
+from dataclasses import dataclass, field, fields
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
-ALGORITHMS = ("fedcoe", "fedavg", "fedprox", "fedper", "pfedmoe", "fedmoe_da", "local")
+from . import algorithms
+
 DATASETS = ("cifar10", "cifar100", "imagefolder", "synthetic")
 PARTITIONS = ("dirichlet", "pathological", "iid")
 MODELS = ("cnn", "resnet_moe")
 NORMS = ("batch", "group", "none")
-LOCAL_PARTS = ("head", "expert_head", "expert", "none")
-GATE_INPUTS = ("image", "trunk")
 DEVICES = ("auto", "cpu", "cuda")
+ROBUST_RULES = ("mean", "median", "trimmed_mean")
 
 # The run-config value that means "not overridden: keep the YAML / default value".
 # Flower fuses pyproject defaults with overrides before the ServerApp sees them, so
 # an explicit sentinel is the only way to tell "user asked for X" from "default".
 UNSET = "<yaml>"
+RUN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 class ConfigError(ValueError):
     """A config value that cannot be used; the message names the key and the value."""
 
 
+class Section:
+    """Base of every config section: ``check`` raises ConfigError for a bad value."""
+
+    # a method's keys that a serving run may set anew (how a new site adapts, not what was trained)
+    adaptation_keys: tuple[str, ...] = ()
+
+    def check(self, cfg: "ExperimentConfig") -> None:
+        """The section's own values (every section, whichever method runs)."""
+        return None
+
+    def check_selected(self, cfg: "ExperimentConfig") -> None:
+        """A method's demands on the rest of the config, checked only when it is the one that runs."""
+        return None
+
+
+def bad_value(key: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"config key '{key}' = {value!r} is not allowed: {allowed}")
+
+
+def require(section: Any, ge0: tuple[str, ...] = (), ge1: tuple[str, ...] = (), gt0: tuple[str, ...] = (),
+            choices: Mapping[str, tuple[str, ...]] | None = None) -> None:
+    """The common range checks of a section's keys."""
+    for key, options in (choices or {}).items():
+        if getattr(section, key) not in options:
+            raise bad_value(key, getattr(section, key), f"choose one of {', '.join(options)}")
+    for keys, ok, allowed in ((ge0, lambda v: v >= 0, "must be >= 0"), (ge1, lambda v: v >= 1, "must be >= 1"),
+                              (gt0, lambda v: v > 0, "must be > 0")):
+        for key in keys:
+            if not ok(getattr(section, key)):
+                raise bad_value(key, getattr(section, key), allowed)
+
+
 @dataclass(frozen=True)
-class ExperimentConfig:
-    # ---- run -------------------------------------------------------------
+class RunSection(Section):
     run_name: str = ""  # "" -> "<config stem>-<algorithm>-s<seed>"
-    results_dir: str = "results"
     seed: int = 0
     algorithm: str = "fedcoe"
     num_rounds: int = 30
@@ -50,11 +92,38 @@ class ExperimentConfig:
     resume: bool = False  # continue from the last checkpoint of this run name
     resume_from: str = ""  # or from this checkpoint file
     keep_checkpoints: int = 3
-    # ---- data ------------------------------------------------------------
-    dataset: str = "cifar10"
+
+    def check(self, cfg: "ExperimentConfig") -> None:
+        require(self, ge0=("eval_every", "seed", "max_update_norm_ratio", "wait_for_nodes"),
+                ge1=("num_rounds", "keep_checkpoints"), gt0=("round_timeout",),
+                choices={"algorithm": tuple(algorithms.REGISTRY), "device": DEVICES,
+                         "robust_aggregation": ROBUST_RULES})
+        for key in ("fraction_train", "min_reply_fraction"):
+            if not 0 < getattr(self, key) <= 1:
+                raise bad_value(key, getattr(self, key), "must be in (0, 1]")
+        if not 0 <= self.trim_fraction < 0.5:
+            raise bad_value("trim_fraction", self.trim_fraction, "must be in [0, 0.5)")
+        if self.run_name and (not RUN_NAME.fullmatch(self.run_name) or self.run_name in (".", "..")):
+            raise bad_value("run_name", self.run_name, "a plain name: letters, digits, '-', '_', '.' "
+                                                       "(not '.' or '..', no path separators)")
+
+
+@dataclass(frozen=True)
+class StorageSection(Section):
+    """Where things are on this host: never part of what a checkpoint must match."""
+
+    results_dir: str = "results"
     data_root: str = ""  # image folder / .tar.gz / torchvision root; "" -> ./data
-    download: bool = True  # torchvision download when data_root has no copy
+    download: bool = True  # torchvision download when data_root is a folder without a copy
     cache_dir: str = ".cache/fedcoe_flwr"
+    global_test_dir: str = ""  # image folder / .tar.gz with test/<class>/* for global accuracy (deployment)
+
+
+@dataclass(frozen=True)
+class DataSection(Section):
+    """Which data, how it is split among clients: defines the partitions."""
+
+    dataset: str = "cifar10"
     class_names: str = ""  # comma-separated label space; "" -> the data set's own classes
     num_clients: int = 20  # N training clients
     num_coldstart_clients: int = 5  # M cold-start clients (never train)
@@ -65,13 +134,36 @@ class ExperimentConfig:
     test_fraction: float = 0.2  # local train/test split of each client
     train_subset: int = 0  # >0: partition only this many training images
     global_test_subset: int = 0  # >0: global test set limited to this many
-    global_test_dir: str = ""  # image folder / .tar.gz with test/<class>/* for global accuracy (deployment)
     synthetic_train_size: int = 2000
     synthetic_test_size: int = 500
     synthetic_num_classes: int = 10
     image_size: int = 32  # images are resized to image_size x image_size
     augment: bool = False
-    # ---- models ----------------------------------------------------------
+
+    def check(self, cfg: "ExperimentConfig") -> None:
+        require(self, ge0=("num_coldstart_clients", "train_subset", "global_test_subset", "min_partition_size"),
+                ge1=("num_clients", "synthetic_train_size", "synthetic_test_size", "classes_per_client"),
+                gt0=("dirichlet_alpha",), choices={"dataset": DATASETS, "partition": PARTITIONS})
+        if self.num_coldstart_clients > self.num_clients:
+            raise bad_value("num_coldstart_clients", self.num_coldstart_clients,
+                            f"must not exceed num_clients ({self.num_clients})")
+        if not 0 < self.test_fraction < 1:
+            raise bad_value("test_fraction", self.test_fraction, "must be in (0, 1)")
+        if self.image_size < 8:
+            raise bad_value("image_size", self.image_size, "must be >= 8")
+        names = [n.strip() for n in self.class_names.split(",")] if self.class_names.strip() else []
+        if any(not n for n in names):
+            raise bad_value("class_names", self.class_names, "class names must not be empty")
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise bad_value("class_names", self.class_names, f"{', '.join(duplicates)} appear(s) more than once")
+        if self.dataset == "imagefolder" and not cfg.storage.data_root:
+            raise bad_value("data_root", cfg.storage.data_root,
+                            "dataset 'imagefolder' needs data_root (a folder or .tar.gz)")
+
+
+@dataclass(frozen=True)
+class ModelSection(Section):
     model: str = "cnn"  # expert architecture (and the single model of FedAvg/FedProx)
     width_multiplier: float = 1.0  # >1 for capacity-matched FedAvg
     cnn_hidden: int = 0  # units of the small CNN's first FC layer; 0 = 512 x width_multiplier
@@ -80,92 +172,158 @@ class ExperimentConfig:
     inner_experts: int = 2  # E_in: MoE experts inside each ResNet-MoE convolution
     inner_top_k: int = 2
     norm: str = "batch"
-    gate_width: int = 16
-    # ---- FedCoE ------------------------------------------------------------
-    num_experts: int = 4  # K global experts
-    top_m: int = 0  # experts per client; 0 -> all K
-    aux_weight: float = 2.0  # weight of the global mixture's own loss (2 chosen over 1 and 3, README issue-8 section)
-    load_balance_weight: float = 0.01  # lambda
-    prox_mu: float = 0.01  # mu (FedProx, FedCoE)
-    local_part: str = "head"
-    shared_trunk: bool = True  # experts share one trunk (averaged like FedAvg) and differ in their heads
-    gate_input: str = "trunk"  # FedCoE gate over the shared trunk's features or the raw image ("image")
-    gate_temperature: float = 1.0  # softmax temperature of the shared gate (< 1: sharper routing)
-    local_loss_weight: float = 1.0  # cross-entropy of the local part alone, added to the client's loss
-    local_prior_correction: bool = True  # the client's model re-weights the pool by its own label prior
-    global_balanced: bool = True  # the global model divides out the federation's predicted training prior
-    local_gate: bool = True
-    correlation_weighting: bool = True
-    correlation_smoothing: float = 0.5
-    correlation_cap: float = 0.5
-    coldstart_adabn: bool = True
-    coldstart_em: bool = True
-    coldstart_top_m: bool = False
-    coldstart_prior: str = "predicted"  # EM's training prior: "predicted" (clients' mean predictions) | "uniform"
-    # ---- onboarding new sites (fedcoe_flwr/onboard.py, docs/DEPLOYMENT.md) ---
-    onboard_new_nodes: bool = True  # a SuperNode joining a running federation gets the cold-start package
-    coldstart_join_training: bool = False  # ... and trains like any client from the next round on
-    serve_from: str = ""  # serving mode: a finished run's folder or checkpoint; onboard nodes, no training
-    serve_max_nodes: int = 0  # serving mode stops after onboarding this many nodes (0: no limit)
-    serve_timeout: float = 3600.0  # serving mode stops after this many seconds
-    # ---- baselines -----------------------------------------------------------
-    pfedmoe_local_widths: str = "1.0"  # width multipliers of local extractors, cycled over clients
-    fedmoe_da_top_p: int = 5  # P: experts each expert aggregates with (besides itself)
-    fedmoe_da_interval: int = 5  # I: rounds between gate uploads / aggregation-matrix updates
-    fedmoe_da_tau: float = 1.0  # temperature of the aggregation softmax
-    # ---- local training ----------------------------------------------------
+    num_experts: int = 4  # K experts of a mixture method (FedCoE's pool, FedMoE-DA's per client)
+
+    def check(self, cfg: "ExperimentConfig") -> None:
+        require(self, ge0=("cnn_hidden",), ge1=("resnet_width", "inner_experts", "inner_top_k", "num_experts"),
+                gt0=("width_multiplier",), choices={"model": MODELS, "norm": NORMS})
+        if self.inner_top_k > self.inner_experts:
+            raise bad_value("inner_top_k", self.inner_top_k, f"must be <= inner_experts ({self.inner_experts})")
+        if self.model == "resnet_moe" and self.resnet_depth != 18 and (
+                self.resnet_depth < 8 or (self.resnet_depth - 2) % 6):
+            raise bad_value("resnet_depth", self.resnet_depth,
+                            "must be 18 (ResNet-18 layout) or 6n+2 with n >= 1 (8, 14, 20, ...)")
+
+
+@dataclass(frozen=True)
+class TrainingSection(Section):
     local_epochs: int = 2
     batch_size: int = 32
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 0.0
+    load_balance_weight: float = 0.01  # weight of the ResNet-MoE / expert load-balancing loss
     eval_batch_size: int = 512
-    # ---- where the config came from (not a YAML key) -----------------------
-    config_path: str = ""
 
-    # -------------------------------------------------------------------------
+    def check(self, cfg: "ExperimentConfig") -> None:
+        require(self, ge0=("momentum", "weight_decay", "load_balance_weight"),
+                ge1=("local_epochs", "batch_size", "eval_batch_size"), gt0=("lr",))
+
+
+@dataclass(frozen=True)
+class OnboardingSection(Section):
+    """New sites joining a trained federation (docs/DEPLOYMENT.md, "Onboarding a new site")."""
+
+    onboard_new_nodes: bool = True  # a SuperNode joining a running federation gets the cold-start package
+    coldstart_join_training: bool = False  # ... and trains like any client from the next round on
+    serve_from: str = ""  # serving mode: a finished run's folder or checkpoint; onboard nodes, no training
+    serve_max_nodes: int = 0  # serving mode stops after onboarding this many nodes (0: no limit)
+    serve_timeout: float = 3600.0  # serving mode stops after this many seconds
+
+    def check(self, cfg: "ExperimentConfig") -> None:
+        require(self, ge0=("serve_max_nodes",), gt0=("serve_timeout",))
+
+
+# the model section is the attribute ``network``: ``model`` is one of its keys (the architecture)
+GENERIC_SECTIONS: dict[str, type] = {"run": RunSection, "storage": StorageSection, "data": DataSection,
+                                     "network": ModelSection, "training": TrainingSection,
+                                     "onboarding": OnboardingSection}
+
+
+@lru_cache(maxsize=1)
+def method_sections() -> dict[str, type]:
+    """Each method's own parameter section (its ``Params``), by method name."""
+    return {name: algorithms.algorithm_class(name).Params for name in algorithms.REGISTRY}
+
+
+def _section_types() -> dict[str, type]:
+    return {**GENERIC_SECTIONS, **method_sections()}
+
+
+@lru_cache(maxsize=1)
+def key_sections() -> dict[str, tuple[str, ...]]:
+    """Flat key -> the sections that hold it (one generic section, or every method that reads it)."""
+    out: dict[str, tuple[str, ...]] = {}
+    for name, cls in _section_types().items():
+        for f in fields(cls):
+            out[f.name] = out.get(f.name, ()) + (name,)
+    clash = {k: v for k, v in out.items() if len(v) > 1 and set(v) & set(GENERIC_SECTIONS)}
+    if clash:
+        raise TypeError(f"config keys declared by a generic section and another section: {clash}")
+    return out
+
+
+def keys_of(*section_names: str) -> tuple[str, ...]:
+    types = _section_types()
+    return tuple(f.name for name in section_names for f in fields(types[name]))
+
+
+@lru_cache(maxsize=1)
+def field_types() -> dict[str, type]:
+    """Every flat key and its Python type."""
+    types = {"str": str, "int": int, "float": float, "bool": bool}
+    return {f.name: types[f.type] for cls in _section_types().values() for f in fields(cls)}  # type: ignore[index]
+
+
+def method_only_keys(algorithm: str) -> frozenset[str]:
+    """Keys no section of ``algorithm`` reads: the method runs the same whatever their values."""
+    own = set(keys_of(algorithm))
+    return frozenset(k for name in method_sections() if name != algorithm for k in keys_of(name)) - own
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    run: RunSection = field(default_factory=RunSection)
+    storage: StorageSection = field(default_factory=StorageSection)
+    data: DataSection = field(default_factory=DataSection)
+    network: ModelSection = field(default_factory=ModelSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    onboarding: OnboardingSection = field(default_factory=OnboardingSection)
+    methods: Mapping[str, Any] = field(default_factory=lambda: {n: c() for n, c in method_sections().items()})
+    config_path: str = ""  # where the config came from (not a YAML key)
+
+    def __getattr__(self, key: str) -> Any:
+        # flat reads (cfg.lr): only reached when normal lookup fails
+        holders = key_sections().get(key)
+        if not holders:
+            raise AttributeError(key)
+        first = holders[0]
+        section = object.__getattribute__(self, first) if first in GENERIC_SECTIONS else \
+            object.__getattribute__(self, "methods")[first]
+        return getattr(section, key)
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted((k, v) for k, v in self.to_dict().items())))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ExperimentConfig) and self.to_dict() == other.to_dict()
+
+    @property
+    def params(self) -> Any:
+        """The selected method's own parameters."""
+        return self.methods[self.run.algorithm]
+
     @property
     def num_partitions(self) -> int:
-        return self.num_clients + self.num_coldstart_clients
-
-    @property
-    def experts_per_client(self) -> int:
-        return self.top_m or self.num_experts
+        return self.data.num_clients + self.data.num_coldstart_clients
 
     @property
     def resolved_run_name(self) -> str:
-        if self.run_name:
-            return self.run_name
+        if self.run.run_name:
+            return self.run.run_name
         stem = Path(self.config_path).stem if self.config_path else "default"
-        return f"{stem}-{self.algorithm}-s{self.seed}"
+        return f"{stem}-{self.run.algorithm}-s{self.run.seed}"
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Flat keys -> values (what YAML, run configs and saved configs hold)."""
+        out: dict[str, Any] = {}
+        for name in GENERIC_SECTIONS:
+            out.update(dataclasses.asdict(object.__getattribute__(self, name)))
+        for params in self.methods.values():
+            out.update(dataclasses.asdict(params))
+        out["config_path"] = self.config_path
+        return out
+
+    def section_dict(self, name: str) -> dict[str, Any]:
+        section = self.methods[name] if name in self.methods else object.__getattribute__(self, name)
+        return dataclasses.asdict(section)
 
     def replace(self, **changes: Any) -> "ExperimentConfig":
         return from_dict({**self.to_dict(), **changes})
 
 
-FIELD_TYPES: dict[str, type] = {
-    f.name: {"str": str, "int": int, "float": float, "bool": bool}[f.type]  # type: ignore[index]
-    for f in fields(ExperimentConfig)
-}
-CHOICES = {
-    "algorithm": ALGORITHMS,
-    "dataset": DATASETS,
-    "partition": PARTITIONS,
-    "model": MODELS,
-    "norm": NORMS,
-    "local_part": LOCAL_PARTS,
-    "gate_input": GATE_INPUTS,
-    "device": DEVICES,
-    "robust_aggregation": ("mean", "median", "trimmed_mean"),
-    "coldstart_prior": ("predicted", "uniform"),
-}
-
-
 def _coerce(key: str, value: Any) -> Any:
-    want = FIELD_TYPES[key]
+    want = field_types()[key]
     if want is bool:
         if isinstance(value, bool):
             return value
@@ -180,93 +338,41 @@ def _coerce(key: str, value: Any) -> Any:
     elif want is str:
         if isinstance(value, str):
             return value
-    raise ConfigError(
-        f"config key '{key}' must be a {want.__name__}, got {value!r} ({type(value).__name__})"
-    )
+    raise ConfigError(f"config key '{key}' must be a {want.__name__}, got {value!r} ({type(value).__name__})")
 
 
-def _check(cfg: ExperimentConfig) -> None:
-    def bad(key: str, allowed: str) -> None:
-        raise ConfigError(f"config key '{key}' = {getattr(cfg, key)!r} is not allowed: {allowed}")
-
-    for key, choices in CHOICES.items():
-        if getattr(cfg, key) not in choices:
-            bad(key, f"choose one of {', '.join(choices)}")
-    positive = (
-        "num_rounds", "num_clients", "num_experts", "local_epochs",
-        "batch_size", "eval_batch_size", "resnet_width", "gate_width", "inner_experts",
-        "inner_top_k", "synthetic_train_size", "synthetic_test_size", "keep_checkpoints",
-        "fedmoe_da_interval",
-    )
-    for key in positive:
-        if getattr(cfg, key) < 1:
-            bad(key, "must be >= 1")
-    for key in ("eval_every", "num_coldstart_clients", "top_m", "train_subset", "global_test_subset",
-                "min_partition_size", "seed", "fedmoe_da_top_p", "cnn_hidden"):
-        if getattr(cfg, key) < 0:
-            bad(key, "must be >= 0")
-    for key in ("lr", "round_timeout", "fedmoe_da_tau", "serve_timeout", "gate_temperature"):
-        if not getattr(cfg, key) > 0:
-            bad(key, "must be > 0")
-    for key in ("momentum", "weight_decay", "aux_weight", "local_loss_weight", "load_balance_weight", "prox_mu",
-                "max_update_norm_ratio", "wait_for_nodes", "serve_max_nodes"):
-        if getattr(cfg, key) < 0:
-            bad(key, "must be >= 0")
-    if cfg.algorithm in ("fedper", "pfedmoe", "fedmoe_da", "local") and cfg.model != "cnn":
-        bad("model", f"algorithm '{cfg.algorithm}' splits the small CNN as its paper does: use model 'cnn'")
-    if cfg.local_part == "expert_head" and not cfg.shared_trunk:
-        bad("local_part", "'expert_head' sits on the shared trunk: set shared_trunk=true (or use 'head')")
-    if cfg.gate_input == "trunk" and not cfg.shared_trunk:
-        bad("gate_input", "'trunk' routes on the shared trunk's features: set shared_trunk=true (or use 'image')")
-    if cfg.top_m > cfg.num_experts:
-        bad("top_m", f"must be <= num_experts ({cfg.num_experts}); 0 means all experts")
-    if cfg.inner_top_k > cfg.inner_experts:
-        bad("inner_top_k", f"must be <= inner_experts ({cfg.inner_experts})")
-    if not cfg.dirichlet_alpha > 0:
-        bad("dirichlet_alpha", "must be > 0")
-    if cfg.num_coldstart_clients > cfg.num_clients:
-        bad("num_coldstart_clients", f"must not exceed num_clients ({cfg.num_clients})")
-    for key in ("fraction_train", "min_reply_fraction"):
-        if not 0 < getattr(cfg, key) <= 1:
-            bad(key, "must be in (0, 1]")
-    if not 0 < cfg.test_fraction < 1:
-        bad("test_fraction", "must be in (0, 1)")
-    if not 0 <= cfg.trim_fraction < 0.5:
-        bad("trim_fraction", "must be in [0, 0.5)")
-    if not 0 <= cfg.correlation_smoothing <= 1:
-        bad("correlation_smoothing", "must be in [0, 1]")
-    if not 0 < cfg.correlation_cap <= 1:
-        bad("correlation_cap", "must be in (0, 1]")
-    if not cfg.width_multiplier > 0:
-        bad("width_multiplier", "must be > 0")
-    if cfg.model == "resnet_moe" and cfg.resnet_depth != 18 and (cfg.resnet_depth < 8 or (cfg.resnet_depth - 2) % 6):
-        bad("resnet_depth", "must be 18 (ResNet-18 layout) or 6n+2 with n >= 1 (8, 14, 20, ...)")
-    if cfg.classes_per_client < 1:
-        bad("classes_per_client", "must be >= 1")
-    if cfg.dataset == "imagefolder" and not cfg.data_root:
-        bad("data_root", "dataset 'imagefolder' needs data_root (a folder or .tar.gz)")
-    try:
-        widths = [float(w) for w in cfg.pfedmoe_local_widths.split(",")]
-    except ValueError:
-        widths = []
-    if not widths or min(widths) <= 0:
-        bad("pfedmoe_local_widths", "must be comma-separated positive numbers, e.g. '1.0,2.0'")
-    if cfg.image_size < 8:
-        bad("image_size", "must be >= 8")
+def unknown_key_error(key: str, where: str = "") -> ConfigError:
+    close = difflib.get_close_matches(key, list(field_types()), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else "; the keys are listed in pyproject.toml [tool.flwr.app.config]"
+    return ConfigError(f"unknown config key '{key}'{where}{hint}")
 
 
-# Keys that define the model and its label space: a checkpoint only fits a run that shares them.
-MODEL_KEYS = ("algorithm", "model", "num_experts", "resnet_depth", "resnet_width", "inner_experts", "inner_top_k",
-              "width_multiplier", "cnn_hidden", "local_part", "shared_trunk", "gate_temperature", "gate_width",
-              "gate_input", "norm", "image_size", "class_names", "dataset", "synthetic_num_classes")
+def make_config(**values: Any) -> ExperimentConfig:
+    """A validated config from flat keys: ``make_config(dataset="synthetic", lr=0.1)``."""
+    return from_dict(values)
 
 
-# Keys only FedCoE reads: every other method runs the same whatever their values.
-FEDCOE_ONLY_KEYS = frozenset({
-    "top_m", "aux_weight", "local_part", "shared_trunk", "gate_temperature", "gate_input", "gate_width",
-    "local_loss_weight", "local_prior_correction", "global_balanced", "local_gate", "correlation_weighting",
-    "correlation_smoothing", "correlation_cap", "coldstart_adabn", "coldstart_em", "coldstart_top_m",
-    "coldstart_prior"})
+def from_dict(values: Mapping[str, Any]) -> ExperimentConfig:
+    """Build and validate a config; unknown keys and wrong types raise ConfigError."""
+    values = dict(values)
+    config_path = str(values.pop("config_path", "") or "")
+    for key in values:
+        if key not in field_types():
+            raise unknown_key_error(key)
+    coerced = {k: _coerce(k, v) for k, v in values.items()}
+
+    def build(cls: type) -> Any:
+        return cls(**{f.name: coerced[f.name] for f in fields(cls) if f.name in coerced})
+
+    cfg = ExperimentConfig(**{name: build(cls) for name, cls in GENERIC_SECTIONS.items()},
+                           methods={name: build(cls) for name, cls in method_sections().items()},
+                           config_path=config_path)
+    for name in GENERIC_SECTIONS:
+        object.__getattribute__(cfg, name).check(cfg)
+    for params in cfg.methods.values():
+        params.check(cfg)
+    cfg.params.check_selected(cfg)
+    return cfg
 
 
 # What a saved config (checkpoint, summary) that lacks a key meant: the behaviour the code
@@ -281,16 +387,10 @@ def saved_config(saved: Mapping[str, Any]) -> dict[str, Any]:
     return {**ExperimentConfig().to_dict(), **before, **saved}
 
 
-def from_dict(values: Mapping[str, Any]) -> ExperimentConfig:
-    """Build and validate a config; unknown keys and wrong types raise ConfigError."""
-    unknown = sorted(set(values) - set(FIELD_TYPES))
-    if unknown:
-        raise ConfigError(
-            f"unknown config key(s): {', '.join(unknown)}; known keys: {', '.join(sorted(FIELD_TYPES))}"
-        )
-    cfg = ExperimentConfig(**{k: _coerce(k, v) for k, v in values.items()})
-    _check(cfg)
-    return cfg
+def checkpoint_keys(algorithm: str) -> tuple[str, ...]:
+    """What a checkpoint must share with the run that resumes or serves it: the method and
+    seed, the data and model sections whole, and the method's own parameters."""
+    return ("algorithm", "seed") + keys_of("data", "network", algorithm)
 
 
 def load_yaml(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -308,6 +408,9 @@ def load_yaml(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict[str
         raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from err
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping of keys to values")
+    for key in data:
+        if key != "base" and key not in field_types():
+            raise unknown_key_error(str(key), f" in {path}")
     base = data.pop("base", None)
     if base:
         return {**load_yaml(p.parent / str(base), _seen + (p.resolve(),)), **data}

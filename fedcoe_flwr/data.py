@@ -22,7 +22,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .config import ExperimentConfig
+from .config import ExperimentConfig, from_dict
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def _synthetic(cfg: ExperimentConfig) -> ImageData:
     return ImageData(tx, ty, vx, vy, [f"class{i}" for i in range(c)])
 
 
-def _decode(blob: bytes, name: str, size: int) -> np.ndarray:
+def decode_image(blob: bytes, name: str, size: int) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -103,7 +103,7 @@ def _collect(items: Iterator[tuple[str, bytes]], source: str, size: int,
     for name, blob in items:
         split, cls = _split_member(name)  # type: ignore[misc]
         folder_of.setdefault(cls, str(Path(name).parent))
-        images[split].append(_decode(blob, f"{source}:{name}", size))
+        images[split].append(decode_image(blob, f"{source}:{name}", size))
         labels[split].append(cls)
     if need_train and not images["train"]:
         raise DataError(f"'{source}' holds no images under train/<class>/ (image-folder layout expected)")
@@ -246,7 +246,7 @@ def _data_root(cfg: ExperimentConfig) -> Path:
 
 @lru_cache(maxsize=4)
 def _load_dataset_cached(cfg_key: tuple) -> ImageData:
-    cfg = ExperimentConfig(**dict(cfg_key))
+    cfg = from_dict(dict(cfg_key))
     if cfg.dataset == "synthetic":
         return _synthetic(cfg)
     root = _data_root(cfg)
@@ -390,7 +390,7 @@ class _Splits:
 
 @lru_cache(maxsize=4)
 def _client_splits_cached(cfg_key: tuple) -> _Splits:
-    return _Splits(ExperimentConfig(**dict(cfg_key)))
+    return _Splits(from_dict(dict(cfg_key)))
 
 
 def _splits(cfg: ExperimentConfig) -> _Splits:
@@ -439,7 +439,7 @@ def normalize(x_uint8: torch.Tensor) -> torch.Tensor:
 
 @lru_cache(maxsize=64)
 def _client_data_cached(cfg_key: tuple, partition_id: int) -> ClientData:
-    cfg = ExperimentConfig(**dict(cfg_key))
+    cfg = from_dict(dict(cfg_key))
     data = load_dataset(cfg)
     train_idx, test_idx = client_split(cfg, partition_id)
     return ClientData(to_tensor_images(data.train_x[train_idx]), torch.from_numpy(data.train_y[train_idx]),

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .onboard import load_bundle, predict_images, read_unlabeled_images
+from .bundle import load_bundle, predict_images
+from .client.onboarding import read_unlabeled_images
 
 
 def predict_folder(model: str | Path, images: str | Path, device: str = "cpu"

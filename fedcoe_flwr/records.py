@@ -14,6 +14,8 @@ EXPERIMENT = "experiment"  # the validated ExperimentConfig, sent with every mes
 ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
+# keys the server only relays between clients (peer-to-peer traffic, counted apart)
+RELAY_PREFIX = "relay."
 
 
 def tensors_crc(arrays: Mapping[str, torch.Tensor]) -> int:
@@ -61,6 +63,6 @@ def metric_record(values: Mapping[str, Any]) -> MetricRecord:
 
 
 def array_bytes(arrays: Mapping[str, torch.Tensor], relayed: bool | None = None) -> int:
-    """Bytes of the tensors; ``relayed`` True/False counts only relay./other keys."""
+    """Bytes of the tensors; ``relayed`` True/False counts only relayed/other keys."""
     return int(sum(v.numel() * v.element_size() for k, v in arrays.items()
-                   if relayed is None or k.startswith("relay.") == relayed))
+                   if relayed is None or k.startswith(RELAY_PREFIX) == relayed))

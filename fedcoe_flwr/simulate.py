@@ -13,7 +13,16 @@ import os
 import sys
 from typing import Any
 
+import torch
 import yaml
+from flwr.serverapp import ServerApp
+from flwr.simulation import run_simulation
+
+from client_app.app import app as client_app
+
+from .compat import install_fast_dispatch
+from .config import config_from_run_config
+from .server.run import project_dir, run_server
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -27,71 +36,6 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-PATCH_ENV = "FEDCOE_FAST_VCE"  # "0" runs Flower's own message dispatcher (for comparison)
-
-
-def _fast_add_messages_to_queue(state, queue, nodes_mapping, f_stop) -> None:  # noqa: ANN001
-    """Flower 1.39's simulation dispatcher (``vce_api.add_messages_to_queue``) asks the
-    LinkState, every 0.1 s, for one message per node: ``get_message_ins(node)`` scans
-    every stored message and re-validates each one (TTL, federation membership), so one
-    sweep costs nodes x messages checks -- 50,000 for 1000 nodes and 50 messages in
-    flight, in the process that also runs the server, holding the GIL while the clients
-    train. This does the same in one pass over the stored messages: each undelivered
-    message validated once, at most one message per node per sweep (as before), marked
-    delivered and queued in the order the server sent them."""
-    from flwr.supercore.date import now
-
-    store = getattr(state, "message_ins_store", None)
-    lock = getattr(state, "lock", None)
-    check = getattr(state, "_check_stored_messages", None)
-    if store is None or lock is None or check is None:  # another LinkState: Flower's own loop
-        return _ORIGINAL_DISPATCH(state, queue, nodes_mapping, f_stop)
-    while not f_stop.is_set():
-        batch = []
-        with lock:
-            pending = [mid for mid, msg in store.items() if msg.metadata.delivered_at == ""]
-            if pending:
-                check(set(pending))  # drops expired / out-of-federation messages, as get_message_ins does
-                taken: set[int] = set()
-                for mid in pending:
-                    msg = store.get(mid)
-                    if msg is None or msg.metadata.delivered_at != "":
-                        continue
-                    node = msg.metadata.dst_node_id
-                    if node in taken or node not in nodes_mapping:
-                        continue
-                    taken.add(node)
-                    batch.append(msg)
-                stamp = now().isoformat()
-                for msg in batch:
-                    msg.metadata.delivered_at = stamp
-        for msg in batch:
-            queue.put(msg)
-        f_stop.wait(0.1)
-
-
-_ORIGINAL_DISPATCH = None
-
-
-def install_fast_dispatch() -> bool:
-    """Replace Flower's simulation dispatcher by ``_fast_add_messages_to_queue`` in this
-    process (Flower 1.39.x only; ``FEDCOE_FAST_VCE=0`` keeps Flower's)."""
-    global _ORIGINAL_DISPATCH
-    if os.environ.get(PATCH_ENV, "1") == "0":
-        return False
-    try:
-        import flwr
-        from flwr.server.superlink.fleet.vce import vce_api
-    except ImportError:
-        return False
-    if not flwr.__version__.startswith("1.39.") or not hasattr(vce_api, "add_messages_to_queue"):
-        return False
-    if vce_api.add_messages_to_queue is not _fast_add_messages_to_queue:
-        _ORIGINAL_DISPATCH = vce_api.add_messages_to_queue
-        vce_api.add_messages_to_queue = _fast_add_messages_to_queue
-    return True
-
-
 MAX_ACTORS_PER_GPU = 8  # small models: 8 actors keep one GPU busy without running out of CUDA contexts
 
 
@@ -101,8 +45,6 @@ def default_num_gpus(device: str, num_cpus_per_client: float, cores: int | None 
     with a GPU, one actor per ``num_cpus_per_client`` cores shares it, at most
     ``MAX_ACTORS_PER_GPU`` (e.g. 16 cores, 2 CPUs each -> 8 actors -> 0.125 GPU each)."""
     if cuda_available is None:
-        import torch
-
         cuda_available = torch.cuda.is_available()
     if device == "cpu" or not cuda_available:
         return 0.0
@@ -115,14 +57,6 @@ def simulate(run_config: dict[str, Any], num_cpus_per_client: float = 1.0, num_g
     """Actors = cores / ``num_cpus_per_client`` (each ClientApp actor sets torch to that
     many threads, so actors never oversubscribe the cores); ``num_gpus_per_client`` None
     = ``default_num_gpus``."""
-    from flwr.serverapp import ServerApp
-    from flwr.simulation import run_simulation
-
-    from client_app.app import app as client_app
-
-    from .config import config_from_run_config
-    from .server import project_dir, run_server
-
     cfg = config_from_run_config(run_config, str(project_dir()))  # validated before Ray starts
     result: dict[str, Any] = {}
     server = ServerApp()

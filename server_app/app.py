@@ -1,9 +1,9 @@
-"""ServerApp: load and validate the config once, then run the Strategy."""
+"""ServerApp: load and validate the config once, then run the round loop."""
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedcoe_flwr.server import run_server
+from fedcoe_flwr.server.run import run_server
 
 app = ServerApp()
 

@@ -12,14 +12,16 @@ import numpy as np
 import pytest
 import torch
 
+from fedcoe_flwr.algorithms.base import ClientStep
 from fedcoe_flwr.algorithms import get_algorithm
 from fedcoe_flwr.algorithms import fedmoe_da as da
 from fedcoe_flwr.algorithms import pfedmoe as pm
-from fedcoe_flwr.algorithms.common import Reply, prefixed, state_of, unprefixed
-from fedcoe_flwr.config import from_dict
+from fedcoe_flwr.algorithms.base import Reply
+from fedcoe_flwr.algorithms.training import prefixed, state_of, unprefixed
+from fedcoe_flwr.config import ConfigError, from_dict
 from fedcoe_flwr.data import ClientData, normalize
 from fedcoe_flwr.records import config_record, from_array_record, to_array_record
-from fedcoe_flwr.strategy import validate_reply
+from fedcoe_flwr.server.validation import validate_reply
 
 NUM_CLASSES = 4
 CPU = torch.device("cpu")
@@ -73,8 +75,7 @@ def run_round(algo, cfg, state, privates, datas, server_round, seed=0):
         payload, pconfig = algo.train_payload(state, cfg, client, server_round)
         pconfig = {**pconfig, "server_round": server_round}
         arrays, config = over_the_wire(payload, pconfig)
-        upload, private, metrics = algo.client_train(arrays, config, privates.get(client), data, cfg,
-                                                     NUM_CLASSES, CPU, seed + 100 * server_round + client)
+        upload, private, metrics = algo.client_train(ClientStep(arrays=arrays, config=config, private=privates.get(client), data=data, cfg=cfg, num_classes=NUM_CLASSES, device=CPU, seed=seed + 100 * server_round + client))
         if private:
             privates[client] = from_array_record(to_array_record(private))
         upload = from_array_record(to_array_record(upload))
@@ -92,17 +93,17 @@ def evaluate_all(algo, cfg, state, privates, datas, coldstart_data):
     for client, data in enumerate(datas):
         payload, pconfig = algo.eval_payload(state, cfg, client)
         arrays, config = over_the_wire(payload, pconfig)
-        predict = algo.client_predict(arrays, config, privates.get(client), cfg, NUM_CLASSES, CPU)
+        predict = algo.client_predict(ClientStep(arrays=arrays, config=config, private=privates.get(client), cfg=cfg, num_classes=NUM_CLASSES, device=CPU, data=None))
         probs = predict(normalize(data.test_x))
         assert probs.shape == (len(data.test_y), NUM_CLASSES)
         assert torch.allclose(probs.sum(1), torch.ones(len(probs)), atol=1e-5)
         accs.append(float((probs.argmax(1) == data.test_y).float().mean()))
-        up = algo.client_eval_upload(arrays, config, privates.get(client), cfg)
+        up = algo.client_eval_upload(ClientStep(arrays=arrays, config=config, private=privates.get(client), cfg=cfg, data=None))
         if up is not None:
             parts.append((from_array_record(to_array_record(up)), data.num_train))
     payload, pconfig = algo.coldstart_payload(state, cfg, parts if algo.coldstart_needs_client_parts else None)
     arrays, config = over_the_wire(payload, pconfig)
-    cold = algo.client_coldstart(arrays, config, coldstart_data, cfg, NUM_CLASSES, CPU)
+    cold = algo.client_coldstart(ClientStep(arrays=arrays, config=config, data=coldstart_data, cfg=cfg, num_classes=NUM_CLASSES, device=CPU, private=None))
     return accs, cold, parts, payload
 
 
@@ -137,10 +138,9 @@ def test_two_clients_two_rounds_lower_the_training_loss(name, extra):
 
 
 def test_baselines_refuse_a_model_they_are_not_defined_on():
-    cfg = make_cfg(model="resnet_moe")
-    for name in ("fedper", "pfedmoe", "fedmoe_da"):
-        with pytest.raises(ValueError, match="model: cnn"):
-            get_algorithm(name).init_state(cfg, NUM_CLASSES)
+    for name in ("fedper", "pfedmoe", "fedmoe_da", "local"):
+        with pytest.raises(ConfigError, match="'model' = 'resnet_moe'.*use model 'cnn'"):
+            make_cfg(model="resnet_moe", algorithm=name)
 
 
 # ====================================================================== FedPer
@@ -150,13 +150,13 @@ def test_fedper_uploads_the_body_only_and_keeps_the_head():
     state = algo.init_state(cfg, NUM_CLASSES)
     assert set(state.arrays) == {"body.conv1.weight", "body.conv1.bias", "body.conv2.weight", "body.conv2.bias"}
     payload, config = algo.train_payload(state, cfg, 0, 1)
-    upload, private, metrics = algo.client_train(payload, config, None, DATAS[0], cfg, NUM_CLASSES, CPU, 0)
+    upload, private, metrics = algo.client_train(ClientStep(arrays=payload, config=config, private=None, data=DATAS[0], cfg=cfg, num_classes=NUM_CLASSES, device=CPU, seed=0))
     assert set(upload) == set(payload)
     assert not any("fc1" in k or "classifier" in k for k in upload)
     assert set(private) == {"head.fc1.weight", "head.fc1.bias", "head.classifier.weight", "head.classifier.bias"}
     assert metrics["num_samples"] == DATAS[0].num_train
     # the head was trained and is passed back next round
-    upload2, private2, _ = algo.client_train(payload, config, private, DATAS[0], cfg, NUM_CLASSES, CPU, 1)
+    upload2, private2, _ = algo.client_train(ClientStep(arrays=payload, config=config, private=private, data=DATAS[0], cfg=cfg, num_classes=NUM_CLASSES, device=CPU, seed=1))
     assert not torch.equal(private2["head.fc1.weight"], private["head.fc1.weight"])
 
 
@@ -169,8 +169,8 @@ def test_fedper_body_is_sample_weighted_and_coldstart_averages_heads():
     new, _ = algo.aggregate(state, [Reply(0, 30, ones), Reply(1, 10, threes)], cfg, 1)
     for v in new.arrays.values():
         assert torch.allclose(v, torch.full_like(v, 1.5))  # (30*1 + 10*3) / 40
-    _, private, _ = algo.client_train(*algo.train_payload(state, cfg, 0, 1), None, DATAS[0], cfg,
-                                      NUM_CLASSES, CPU, 0)
+    payload, config = algo.train_payload(state, cfg, 0, 1)
+    _, private, _ = algo.client_train(ClientStep(payload, config, None, DATAS[0], cfg, NUM_CLASSES, CPU, 0))
     head_a = {k: torch.full_like(v, 2.0) for k, v in private.items()}
     head_b = {k: torch.full_like(v, -2.0) for k, v in private.items()}
     payload, _ = algo.coldstart_payload(new, cfg, [(head_a, 3), (head_b, 1)])
@@ -181,7 +181,7 @@ def test_fedper_body_is_sample_weighted_and_coldstart_averages_heads():
     # with no parts the new client gets the body and the initial head
     payload, _ = algo.coldstart_payload(new, cfg, [])
     assert set(payload) == set(new.arrays)
-    algo.client_predict(payload, {}, None, cfg, NUM_CLASSES, CPU)(normalize(COLD.test_x))
+    algo.client_predict(ClientStep(arrays=payload, config={}, private=None, cfg=cfg, num_classes=NUM_CLASSES, device=CPU, data=None))(normalize(COLD.test_x))
 
 
 # ====================================================================== pFedMoE
@@ -211,7 +211,7 @@ def test_pfedmoe_uploads_only_the_homogeneous_extractor_and_trains_every_part():
     state = algo.init_state(cfg, NUM_CLASSES)
     payload, config = algo.train_payload(state, cfg, 1, 1)
     assert config["local_width"] == 2.0
-    upload, private, _ = algo.client_train(payload, config, None, DATAS[1], cfg, NUM_CLASSES, CPU, 0)
+    upload, private, _ = algo.client_train(ClientStep(arrays=payload, config=config, private=None, data=DATAS[1], cfg=cfg, num_classes=NUM_CLASSES, device=CPU, seed=0))
     assert set(upload) == set(payload) and all(k.startswith("global.") for k in upload)
     assert {k.split(".")[0] for k in private} == {"local", "gate", "head"}
     assert private["local.conv1.weight"].shape[0] == 64 and "local.proj.weight" in private
@@ -241,7 +241,7 @@ def test_pfedmoe_coldstart_averages_within_the_most_common_width():
             assert torch.allclose(v, torch.full_like(v, (5 * 10 + 1 * 1 + 3 * 4) / 9)), k
         else:
             assert torch.equal(v, state.arrays[k])
-    predict = algo.client_predict(payload, {}, None, cfg, NUM_CLASSES, CPU)
+    predict = algo.client_predict(ClientStep(arrays=payload, config={}, private=None, cfg=cfg, num_classes=NUM_CLASSES, device=CPU, data=None))
     assert predict(normalize(COLD.test_x)).shape == (len(COLD.test_y), NUM_CLASSES)
 
 
@@ -455,8 +455,7 @@ def test_fedmoe_da_client_applies_eq11_before_training_and_uploads_no_private_pa
         for name, v in state_of(model.experts[k]).items():
             assert torch.allclose(v, expected[name], atol=1e-6), name
     # an upload of the client's experts happens only when a peer row requests them
-    upload, _, _ = algo.client_train(arrays, {**config, "upload_gate": False, "upload_experts": []},
-                                     privates[0], DATAS[0], cfg, NUM_CLASSES, CPU, 7)
+    upload, _, _ = algo.client_train(ClientStep(arrays=arrays, config={**config, "upload_gate": False, "upload_experts": []}, private=privates[0], data=DATAS[0], cfg=cfg, num_classes=NUM_CLASSES, device=CPU, seed=7))
     assert set(upload) == {"embedding.conv1.weight", "embedding.conv1.bias"}
 
 

@@ -21,13 +21,16 @@ from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 import flwr
-from fedcoe_flwr import client
+from fedcoe_flwr.client import handlers as client
+from fedcoe_flwr.client import private_state
 from fedcoe_flwr.algorithms import get_algorithm
-from fedcoe_flwr.client import NodeConfigError, node_role, state_checksum, state_paths
+from fedcoe_flwr.client.node import NodeConfigError, node_role
+from fedcoe_flwr.client.private_state import state_checksum, state_paths
 from fedcoe_flwr.data import DataError, load_global_test, load_site_data
 from fedcoe_flwr.deploy.local import LocalDeployment, marked_processes, metrics_lines, run_status
 from fedcoe_flwr.deploy.sites import export_sites
-from fedcoe_flwr.records import ARRAYS, CONFIG, EXPERIMENT, METRICS, config_record, experiment_record, to_array_record
+from fedcoe_flwr.records import (ARRAYS, CONFIG, EXPERIMENT, METRICS, config_record, experiment_record,
+                                 from_array_record, to_array_record)
 
 from PIL import Image
 
@@ -191,7 +194,7 @@ def test_private_state_survives_a_restart_through_the_state_dir(sites, tmp_path)
     first = context(node_config)
     reply = client.handle_train(message(cfg, "train", payload, {**pconfig, "server_round": 1}), first)
     assert dict(reply.content.metric_records[METRICS])["num_samples"] > 0
-    kept = client.from_array_record(first.state.array_records[client.PRIVATE])
+    kept = from_array_record(first.state.array_records[private_state.PRIVATE])
     path, journal = state_paths(tmp_path / "state", cfg.resolved_run_name, "site-1")
     saved = torch.load(path, weights_only=True)
     assert saved["round"] == 1 and saved["crc"] == state_checksum(kept)
@@ -200,7 +203,7 @@ def test_private_state_survives_a_restart_through_the_state_dir(sites, tmp_path)
     restarted = context(node_config)  # same run, empty state
     payload, pconfig = algo.eval_payload(state, cfg, 1)
     client.handle_evaluate(message(cfg, "evaluate", payload, {**pconfig, "server_round": 1}), restarted)
-    reloaded = client.from_array_record(restarted.state.array_records[client.PRIVATE])
+    reloaded = from_array_record(restarted.state.array_records[private_state.PRIVATE])
     assert reloaded.keys() == kept.keys() and all(torch.equal(reloaded[k], kept[k]) for k in kept)
     events = json.loads(journal.read_text())
     assert [(e["phase"], e["source"]) for e in events] == [("train", "none"), ("evaluate", "state-dir")]
@@ -208,9 +211,9 @@ def test_private_state_survives_a_restart_through_the_state_dir(sites, tmp_path)
 
     # another run with the same name does not pick up this run's private parts ...
     other = context(node_config, run_id=8)
-    assert client.load_private_state(node_role(other), cfg, other) is None
+    assert private_state.load_private_state(node_role(other), cfg, other) is None
     # ... unless it resumes it
-    assert client.load_private_state(node_role(other), cfg.replace(resume=True), other) is not None
+    assert private_state.load_private_state(node_role(other), cfg.replace(resume=True), other) is not None
 
 
 def test_corrupt_state_file_is_ignored_not_loaded(sites, tmp_path):
@@ -218,11 +221,11 @@ def test_corrupt_state_file_is_ignored_not_loaded(sites, tmp_path):
     node_config = {"data-dir": str(folders.training[0]), "site-id": 0, "state-dir": str(tmp_path / "s")}
     ctx = context(node_config)
     role = node_role(ctx)
-    client.save_private_state(role, cfg, ctx, {"w": torch.ones(3)}, 1)
+    private_state.save_private_state(role, cfg, ctx, {"w": torch.ones(3)}, 1)
     path, _ = state_paths(tmp_path / "s", cfg.resolved_run_name, "site-0")
-    assert client.load_private_state(role, cfg, ctx)[0]["w"].tolist() == [1.0, 1.0, 1.0]
+    assert private_state.load_private_state(role, cfg, ctx)[0]["w"].tolist() == [1.0, 1.0, 1.0]
     path.write_bytes(path.read_bytes()[:20])
-    assert client.load_private_state(role, cfg, ctx) is None
+    assert private_state.load_private_state(role, cfg, ctx) is None
 
 
 # ------------------------------------------------------------------ certificates, compose

@@ -7,13 +7,14 @@ import math
 import pytest
 import torch
 
+from fedcoe_flwr.algorithms.base import ClientStep
 from fedcoe_flwr.algorithms import get_algorithm
-from fedcoe_flwr.algorithms.common import (Reply, prefixed, proximal_term, seeded_init, unprefixed,
-                                           weighted_average)
+from fedcoe_flwr.algorithms.base import Reply
+from fedcoe_flwr.algorithms.training import prefixed, proximal_term, seeded_init, unprefixed, weighted_average
 from fedcoe_flwr.algorithms.fedavg import PREFIX, FedAvg
 from fedcoe_flwr.algorithms.fedprox import FedProx
 from fedcoe_flwr.data import load_client_data
-from fedcoe_flwr.strategy import validate_reply
+from fedcoe_flwr.server.validation import validate_reply
 
 
 # ------------------------------------------------------------------ weighted_average
@@ -124,7 +125,7 @@ def test_fedavg_client_train_round_trip(cnn_cfg, cpu):
     state = algo.init_state(cnn_cfg, num_classes=4)
     payload, config = algo.train_payload(state, cnn_cfg, 0, 1)
     data = load_client_data(cnn_cfg, 0)
-    upload, private, metrics = algo.client_train(payload, config, None, data, cnn_cfg, 4, cpu, seed=0)
+    upload, private, metrics = algo.client_train(ClientStep(arrays=payload, config=config, private=None, data=data, cfg=cnn_cfg, num_classes=4, device=cpu, seed=0))
     assert private is None
     assert metrics["num_samples"] == data.num_train and math.isfinite(metrics["train_loss"])
     assert set(upload) == set(payload)
@@ -151,7 +152,7 @@ def test_fedprox_anchors_to_the_global_model(cnn_cfg, cpu):
     payload, config = FedAvg().train_payload(state, cfg, 0, 1)
 
     def upload(algo, mu):
-        return algo.client_train(payload, config, None, data, cfg.replace(prox_mu=mu), 4, cpu, seed=0)[0]
+        return algo.client_train(ClientStep(arrays=payload, config=config, private=None, data=data, cfg=cfg.replace(prox_mu=mu), num_classes=4, device=cpu, seed=0))[0]
 
     def drift(arrays):
         return sum(float((arrays[k] - payload[k]).norm()) for k in payload if payload[k].is_floating_point())

@@ -11,13 +11,19 @@ import pytest
 import torch
 from torch import nn
 
-from fedcoe_flwr.algorithms.common import Reply, unprefixed
-from fedcoe_flwr.algorithms.fedcoe import (CLASS_MARGINAL, CORRELATION, GATE, TRAIN_PRIOR, FedCoE, FedCoEModel, aggregate_expert,
-                                           aggregate_pool, cap_shares, coldstart_evaluate, em_label_prior,
-                                           expert_prefix, expert_set, expert_weights, prior_correct,
-                                           reestimate_batchnorm)
+from fedcoe_flwr.algorithms.base import ClientStep
+from fedcoe_flwr.algorithms.base import Reply
+from fedcoe_flwr.algorithms.training import unprefixed
+from fedcoe_flwr.algorithms.fedcoe import FedCoE
+from fedcoe_flwr.algorithms.fedcoe.aggregation import (aggregate_expert, aggregate_pool, cap_shares, expert_set,
+                                                       expert_weights, routing_diagnostics)
+from fedcoe_flwr.algorithms.fedcoe.coldstart import coldstart_evaluate, reestimate_batchnorm, training_prior
+from fedcoe_flwr.algorithms.fedcoe.model import (CLASS_MARGINAL, CORRELATION, GATE, LOCAL_PRIOR, TRAIN_PRIOR,
+                                                 FedCoEModel, expert_prefix)
+from fedcoe_flwr.algorithms.fedcoe.params import experts_per_client
+from fedcoe_flwr.algorithms.fedcoe.priors import em_label_prior, prior_correct
 from fedcoe_flwr.data import load_client_data, load_dataset, normalize
-from fedcoe_flwr.strategy import validate_reply
+from fedcoe_flwr.server.validation import validate_reply
 
 
 # This module switches each lever on explicitly: its configs start from the first design
@@ -320,7 +326,7 @@ def trained(fedcoe_cfg, cpu):
     state.extra["correlation_known"][0] = True
     payload, config = algo.train_payload(state, fedcoe_cfg, 0, 1)
     data = load_client_data(fedcoe_cfg, 0)
-    upload, private, metrics = algo.client_train(payload, config, None, data, fedcoe_cfg, 4, cpu, seed=7)
+    upload, private, metrics = algo.client_train(ClientStep(arrays=payload, config=config, private=None, data=data, cfg=fedcoe_cfg, num_classes=4, device=cpu, seed=7))
     return dict(algo=algo, state=state, payload=payload, config=config, data=data, upload=upload,
                 private=private, metrics=metrics)
 
@@ -355,8 +361,7 @@ def test_client_train_keeps_private_parts_local(trained):
 
 def test_client_train_is_deterministic_given_the_seed(trained, fedcoe_cfg, cpu):
     algo = trained["algo"]
-    again, private, _ = algo.client_train(trained["payload"], trained["config"], None, trained["data"],
-                                          fedcoe_cfg, 4, cpu, seed=7)
+    again, private, _ = algo.client_train(ClientStep(arrays=trained["payload"], config=trained["config"], private=None, data=trained["data"], cfg=fedcoe_cfg, num_classes=4, device=cpu, seed=7))
     assert_same(again, trained["upload"])
     assert_same(private, trained["private"])
 
@@ -365,7 +370,7 @@ def test_client_train_without_local_part_has_no_private_state(make_cfg, cpu):
     cfg = make_cfg(local_part="none", num_experts=2)
     algo = FedCoE()
     payload, config = algo.train_payload(algo.init_state(cfg, 4), cfg, 1, 1)
-    upload, private, _ = algo.client_train(payload, config, None, load_client_data(cfg, 1), cfg, 4, cpu, seed=0)
+    upload, private, _ = algo.client_train(ClientStep(arrays=payload, config=config, private=None, data=load_client_data(cfg, 1), cfg=cfg, num_classes=4, device=cpu, seed=0))
     assert private is None
     assert set(upload) == set(payload) | {CORRELATION, CLASS_MARGINAL}
 
@@ -375,7 +380,7 @@ def test_client_predict_gives_probabilities(trained, fedcoe_cfg, cpu):
     x = normalize(data.test_x[:5])
     trained_arrays = {k: v for k, v in trained["upload"].items() if k != CORRELATION}
     for private in (None, trained["private"]):
-        predict = algo.client_predict(trained_arrays, trained["config"], private, fedcoe_cfg, 4, cpu)
+        predict = algo.client_predict(ClientStep(arrays=trained_arrays, config=trained["config"], private=private, cfg=fedcoe_cfg, num_classes=4, device=cpu, data=None))
         with torch.no_grad():
             p = predict(x)
         assert p.shape == (5, 4) and (p >= 0).all()
@@ -473,7 +478,7 @@ def test_coldstart_evaluate_changes_no_parameters_and_reports_variants(make_cfg,
     arrays, config = algo.coldstart_payload(state, cfg)
     before = clone(arrays)
     data = load_client_data(cfg, cfg.num_clients)  # the cold-start partition
-    out = algo.client_coldstart(arrays, config, data, cfg, 4, cpu)
+    out = algo.client_coldstart(ClientStep(arrays=arrays, config=config, data=data, cfg=cfg, num_classes=4, device=cpu, private=None))
     assert_same(arrays, before)
     assert_same(state.arrays, {k: v for k, v in before.items() if k != TRAIN_PRIOR})
     variants = {"coldstart_accuracy_plain", "coldstart_accuracy_em"}
@@ -504,7 +509,7 @@ def test_coldstart_accuracy_matches_a_direct_computation(make_cfg, cpu):
 # ============================================================== shared trunk, diagnostics, EM prior
 def client_model(algo, payload, config, private, cfg, cpu):
     """The client's prediction function and the same model rebuilt by hand (experts 0, 1)."""
-    predict = algo.client_predict(payload, config, private, cfg, 4, cpu)
+    predict = algo.client_predict(ClientStep(arrays=payload, config=config, private=private, cfg=cfg, num_classes=4, device=cpu, data=None))
     model = FedCoEModel(cfg, 4, [0, 1])
     model.load_shared(payload)
     model.load_private(private)
@@ -523,7 +528,7 @@ def test_shared_trunk_payload_holds_one_trunk_and_expert_heads(make_cfg, cpu):
         assert keys == {"fc1.weight", "fc1.bias", "classifier.weight", "classifier.bias"}
     payload, config = algo.train_payload(state, cfg, 0, 1)
     data = load_client_data(cfg, 0)
-    upload, _, metrics = algo.client_train(payload, config, None, data, cfg, 4, cpu, seed=3)
+    upload, _, metrics = algo.client_train(ClientStep(arrays=payload, config=config, private=None, data=data, cfg=cfg, num_classes=4, device=cpu, seed=3))
     assert validate_reply(upload, metrics, algo.expected_upload(payload, config, cfg), payload,
                           cfg.max_update_norm_ratio) is None
     assert not torch.equal(upload["trunk.conv1.weight"], payload["trunk.conv1.weight"])  # the trunk trains
@@ -558,7 +563,6 @@ def test_shared_trunk_is_averaged_by_samples(make_cfg):
 
 
 def test_routing_diagnostics_by_hand():
-    from fedcoe_flwr.algorithms.fedcoe import routing_diagnostics
     same = routing_diagnostics(np.array([[0.5, 0.5], [0.5, 0.5]]))
     assert same["expert_usage_entropy"] == pytest.approx(1.0)
     assert same["correlation_row_entropy"] == pytest.approx(1.0)
@@ -606,14 +610,13 @@ def test_em_needs_the_training_prior_the_pool_learned_under():
 
 
 def test_coldstart_reports_em_with_both_priors_when_they_differ(make_cfg, cpu):
-    from fedcoe_flwr.algorithms.fedcoe import training_prior
     cfg = make_cfg(num_experts=2, norm="group")
     algo = FedCoE()
     state = algo.init_state(cfg, 4)
     state.extra["train_prior"] = np.array([0.4, 0.3, 0.2, 0.1])
     arrays, config = algo.coldstart_payload(state, cfg)
     torch.testing.assert_close(training_prior(arrays, cfg, 4), torch.tensor([0.4, 0.3, 0.2, 0.1]))
-    out = algo.client_coldstart(arrays, config, load_client_data(cfg, cfg.num_clients), cfg, 4, cpu)
+    out = algo.client_coldstart(ClientStep(arrays=arrays, config=config, data=load_client_data(cfg, cfg.num_clients), cfg=cfg, num_classes=4, device=cpu, private=None))
     assert {"coldstart_accuracy_em", "coldstart_accuracy_em_uniform"} <= set(out)
     uniform_cfg = cfg.replace(coldstart_prior="uniform")
     assert TRAIN_PRIOR not in algo.coldstart_payload(state, uniform_cfg)[0]
@@ -621,9 +624,9 @@ def test_coldstart_reports_em_with_both_priors_when_they_differ(make_cfg, cpu):
 
 
 def test_correlation_plot_is_written(make_cfg, tmp_path):
-    from fedcoe_flwr.results import ResultsWriter
-    writer = ResultsWriter(make_cfg(results_dir=str(tmp_path / "results")))
-    path = writer.plot_correlation(np.array([[0.7, 0.3], [0.2, 0.8], [0.5, 0.5]]), np.array([True, True, False]))
+    from fedcoe_flwr.algorithms.fedcoe.plots import plot_correlation
+    path = plot_correlation(np.array([[0.7, 0.3], [0.2, 0.8], [0.5, 0.5]]), np.array([True, True, False]),
+                            tmp_path / "correlation.png")
     assert path.is_file() and path.stat().st_size > 1000
 
 
@@ -635,7 +638,7 @@ def test_expert_head_local_part_is_private_and_survives_a_reload(make_cfg, cpu):
     state = algo.init_state(cfg, 4)
     payload, config = algo.train_payload(state, cfg, 0, 1)
     data = load_client_data(cfg, 0)
-    upload, private, metrics = algo.client_train(payload, config, None, data, cfg, 4, cpu, seed=1)
+    upload, private, metrics = algo.client_train(ClientStep(arrays=payload, config=config, private=None, data=data, cfg=cfg, num_classes=4, device=cpu, seed=1))
     assert {k for k in private if k.startswith("local.")} == {
         "local.fc1.weight", "local.fc1.bias", "local.classifier.weight", "local.classifier.bias"}
     assert not any(k.startswith("local") for k in upload)
@@ -672,7 +675,7 @@ def test_gate_on_trunk_routes_on_the_trunks_features_and_trains_it(make_cfg, cpu
     assert net.gate.body[0].in_channels == h.shape[1]
     # a round trip: the upload validates and the gate's gradient reaches the trunk
     payload, config = algo.train_payload(state, cfg, 0, 1)
-    upload, _, metrics = algo.client_train(payload, config, None, data, cfg, 4, cpu, seed=3)
+    upload, _, metrics = algo.client_train(ClientStep(arrays=payload, config=config, private=None, data=data, cfg=cfg, num_classes=4, device=cpu, seed=3))
     assert validate_reply(upload, metrics, algo.expected_upload(payload, config, cfg), payload,
                           cfg.max_update_norm_ratio) is None
     net.zero_grad()
@@ -703,7 +706,6 @@ def test_gate_temperature_sharpens_routing(make_cfg):
 
 
 def test_local_prior_correction_reweights_the_pool_by_the_clients_labels(make_cfg, cpu):
-    from fedcoe_flwr.algorithms.fedcoe import LOCAL_PRIOR
     cfg = make_cfg(model="cnn", shared_trunk=True, local_prior_correction=True, num_experts=2, norm="none")
     algo = FedCoE()
     state = algo.init_state(cfg, 4)
@@ -711,7 +713,7 @@ def test_local_prior_correction_reweights_the_pool_by_the_clients_labels(make_cf
     payload, config = algo.train_payload(state, cfg, 0, 1)
     assert TRAIN_PRIOR in payload and TRAIN_PRIOR not in algo.expected_upload(payload, config, cfg)
     data = load_client_data(cfg, 0)
-    upload, private, metrics = algo.client_train(payload, config, None, data, cfg, 4, cpu, seed=2)
+    upload, private, metrics = algo.client_train(ClientStep(arrays=payload, config=config, private=None, data=data, cfg=cfg, num_classes=4, device=cpu, seed=2))
     assert TRAIN_PRIOR not in upload and LOCAL_PRIOR not in upload  # the client's labels stay home
     assert validate_reply(upload, metrics, algo.expected_upload(payload, config, cfg), payload,
                           cfg.max_update_norm_ratio) is None
@@ -753,7 +755,7 @@ def test_local_loss_weight_trains_the_local_part_as_a_classifier(make_cfg, cpu):
     data = load_client_data(cfg, 0)
 
     def local_nll(c):
-        _, private, _ = algo.client_train(payload, config, None, data, c, 4, cpu, seed=5)
+        _, private, _ = algo.client_train(ClientStep(arrays=payload, config=config, private=None, data=data, cfg=c, num_classes=4, device=cpu, seed=5))
         model = FedCoEModel(c, 4, [0, 1])
         model.load_shared(payload)
         model.load_private(private)
@@ -779,7 +781,7 @@ def test_default_design_round_trip(tmp_path, cpu):
     state = algo.init_state(cfg, 4)
     payload, config = algo.train_payload(state, cfg, 0, 1)
     data = load_client_data(cfg, 0)
-    upload, private, metrics = algo.client_train(payload, config, None, data, cfg, 4, cpu, seed=0)
+    upload, private, metrics = algo.client_train(ClientStep(arrays=payload, config=config, private=None, data=data, cfg=cfg, num_classes=4, device=cpu, seed=0))
     expected = algo.expected_upload(payload, config, cfg)
     assert validate_reply(upload, metrics, expected, payload, cfg.max_update_norm_ratio) is None
     new, diagnostics = algo.aggregate(state, [Reply(0, metrics["num_samples"], upload)], cfg, 1)
@@ -788,5 +790,5 @@ def test_default_design_round_trip(tmp_path, cpu):
     x = normalize(data.test_x[:5])
     with torch.no_grad():
         for probs in (algo.global_predict(new, cfg, 4, cpu)(x),
-                      algo.client_predict(algo.eval_payload(new, cfg, 0)[0], config, private, cfg, 4, cpu)(x)):
+                      algo.client_predict(ClientStep(arrays=algo.eval_payload(new, cfg, 0)[0], config=config, private=private, cfg=cfg, num_classes=4, device=cpu, data=None))(x)):
             assert probs.shape == (5, 4) and torch.allclose(probs.sum(1), torch.ones(5), atol=1e-5)

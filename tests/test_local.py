@@ -3,8 +3,10 @@ is the sample-weighted average of the clients' own models."""
 
 import torch
 
+from fedcoe_flwr.algorithms.base import ClientStep
 from fedcoe_flwr.algorithms import get_algorithm
-from fedcoe_flwr.algorithms.common import Reply, weighted_average
+from fedcoe_flwr.algorithms.base import Reply
+from fedcoe_flwr.algorithms.training import weighted_average
 from fedcoe_flwr.data import load_client_data
 
 
@@ -17,15 +19,14 @@ def test_local_only_shares_nothing_and_averages_models_for_cold_start(make_cfg, 
     for client in range(2):
         payload, config = algo.train_payload(state, cfg, client, 1)
         assert payload == {}
-        upload, private, metrics = algo.client_train(payload, config, None, load_client_data(cfg, client), cfg,
-                                                     4, cpu, seed=client)
+        upload, private, metrics = algo.client_train(ClientStep(arrays=payload, config=config, private=None, data=load_client_data(cfg, client), cfg=cfg, num_classes=4, device=cpu, seed=client))
         assert upload == {} and private  # the whole model stays on the client
         privates.append(private)
         replies.append(Reply(client, metrics["num_samples"], upload, metrics))
     assert not torch.equal(privates[0]["head.conv1.weight"], privates[1]["head.conv1.weight"])
     state, _ = algo.aggregate(state, replies, cfg, 1)
     assert state.arrays == {}
-    parts = [(algo.client_eval_upload({}, {}, p, cfg), r.num_samples) for p, r in zip(privates, replies)]
+    parts = [(algo.client_eval_upload(ClientStep(arrays={}, config={}, private=p, cfg=cfg, data=None)), r.num_samples) for p, r in zip(privates, replies)]
     cold, _ = algo.coldstart_payload(state, cfg, parts)
     expected = weighted_average([p for p, _ in parts], [n for _, n in parts])
     assert set(cold) == set(expected)

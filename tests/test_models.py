@@ -51,7 +51,7 @@ def test_fedcoe_wide_trunk_narrow_heads_matches_the_capacity_matched_fedavg():
     """FedCoE with a full-width trunk, four 128-unit heads and its gate on the trunk's features
     has the parameter count of the full-width CNN (FedAvg x4 in the comparison) to within 2%
     (893k against 879k)."""
-    from fedcoe_flwr.algorithms.fedcoe import FedCoEModel
+    from fedcoe_flwr.algorithms.fedcoe.model import FedCoEModel
 
     cfg = from_dict({"model": "cnn", "width_multiplier": 1.0, "cnn_hidden": 128, "num_experts": 4})
     model = FedCoEModel(cfg, 10, [0, 1, 2, 3], with_private=False)

@@ -19,17 +19,20 @@ from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from PIL import Image
 
-from fedcoe_flwr import client, onboard
+from fedcoe_flwr.bundle import load_bundle
+from fedcoe_flwr.client import handlers as client
+from fedcoe_flwr.client.onboarding import handle_onboard
+from fedcoe_flwr.server import onboarding as onboard
 from fedcoe_flwr.algorithms import get_algorithm
-from fedcoe_flwr.algorithms.common import ServerState
-from fedcoe_flwr.algorithms.fedcoe import coldstart_evaluate
+from fedcoe_flwr.algorithms.base import ServerState
+from fedcoe_flwr.algorithms.fedcoe.coldstart import coldstart_evaluate
 from fedcoe_flwr.data import federation_classes, load_site_data
 from fedcoe_flwr.deploy.local import LocalDeployment, marked_processes, metrics_lines, run_status
 from fedcoe_flwr.deploy.sites import export_sites
 from fedcoe_flwr.predict import predict_folder
 from fedcoe_flwr.records import ARRAYS, CONFIG, EXPERIMENT, METRICS, config_record, experiment_record, to_array_record
-from fedcoe_flwr.results import ResultsWriter
-from fedcoe_flwr.strategy import MoEStrategy
+from fedcoe_flwr.server.callbacks.checkpoint import to_payload
+from fedcoe_flwr.server.loop import RoundLoop
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -71,11 +74,11 @@ def test_onboard_handler_sends_only_row_and_metrics_and_saves_a_working_model(si
     state = get_algorithm("fedcoe").init_state(cfg, len(folders.class_names))
     msg, package = onboard_message(cfg, state)
     ctx = context({"data-dir": str(folders.coldstart[0]), "cold-start": True, "state-dir": str(tmp_path / "st")})
-    reply = client.handle_onboard(msg, ctx)
+    reply = handle_onboard(msg, ctx)
     # nothing private moves: no arrays, no config, only the allowed numbers; the row is K floats
     assert len(reply.content.array_records) == 0 and len(reply.content.config_records) == 0
     metrics = dict(reply.content.metric_records[METRICS])
-    assert set(metrics) <= onboard.ALLOWED_METRICS
+    assert {k for k in metrics if not k.startswith(onboard.ACCURACY_PREFIX)} <= onboard.ALLOWED_METRICS
     row = list(metrics["routing_row"])
     assert len(row) == cfg.num_experts and abs(sum(row) - 1) < 1e-5
     assert onboard.check_reply(metrics, row, cfg.num_experts, 0, 0) is None
@@ -89,7 +92,7 @@ def test_onboard_handler_sends_only_row_and_metrics_and_saves_a_working_model(si
     # the node kept its routed model in one file, loadable without Flower
     path = tmp_path / "st" / "onb" / "new-site.onboarded.pt"
     assert path.is_file()
-    bundle = onboard.load_bundle(path)
+    bundle = load_bundle(path)
     assert len(bundle["expert_ids"]) == (2 if top_m else cfg.num_experts)
     rows, acc, _ = predict_folder(path, folders.coldstart[0] / "test")
     assert len(rows) == n_test and acc == pytest.approx(metrics["coldstart_accuracy"], abs=1e-6)  # float32 mean vs exact
@@ -105,7 +108,7 @@ def test_onboard_unlabeled_folder_reports_row_but_no_accuracy(sites, tmp_path):
     state = get_algorithm("fedcoe").init_state(cfg, len(folders.class_names))
     msg, _ = onboard_message(cfg, state)
     ctx = context({"data-dir": str(flat), "cold-start": True, "model-path": str(tmp_path / "m.pt")})
-    metrics = dict(client.handle_onboard(msg, ctx).content.metric_records[METRICS])
+    metrics = dict(handle_onboard(msg, ctx).content.metric_records[METRICS])
     assert "coldstart_accuracy" not in metrics and metrics["num_test"] == 0 and len(metrics["routing_row"]) == 3
     out = tmp_path / "pred.csv"
     proc = subprocess.run([sys.executable, "-m", "fedcoe_flwr.predict", "--model", str(tmp_path / "m.pt"),
@@ -121,7 +124,7 @@ def test_onboard_fedavg_package_is_the_global_model(sites, tmp_path):
     state = get_algorithm("fedavg").init_state(cfg, len(folders.class_names))
     msg, _ = onboard_message(cfg, state)
     ctx = context({"data-dir": str(folders.coldstart[0]), "cold-start": True, "model-path": str(tmp_path / "m.pt")})
-    metrics = dict(client.handle_onboard(msg, ctx).content.metric_records[METRICS])
+    metrics = dict(handle_onboard(msg, ctx).content.metric_records[METRICS])
     assert "routing_row" not in metrics and metrics["model_accuracy"] == metrics["coldstart_accuracy"]
     assert onboard.check_reply(metrics, None, None, 0, 0) is None
 
@@ -149,7 +152,7 @@ class InProcessGrid:
         return list(self.contexts)
 
     def send_and_receive(self, msgs, timeout=None):
-        handlers = {"query.profile": client.handle_profile, "query.onboard": client.handle_onboard,
+        handlers = {"query.profile": client.handle_profile, "query.onboard": handle_onboard,
                     "train": client.handle_train, "evaluate": client.handle_evaluate,
                     "evaluate.coldstart": client.handle_coldstart}
         out = []
@@ -171,9 +174,9 @@ def test_onboard_strategy_detects_a_joining_node_and_lets_it_train(sites, tmp_pa
     nodes = {100 + i: {"data-dir": str(folders.training[i]), "site-id": i} for i in range(3)}
     nodes[103] = {"data-dir": str(folders.coldstart[0]), "site-id": 0, "cold-start": True}
     grid = InProcessGrid(nodes)
-    strategy = MoEStrategy(cfg, ResultsWriter(cfg))
-    strategy.discover(grid)
-    replies = grid.send_and_receive(list(strategy.configure_train(1, None, None, grid)))
+    strategy = RoundLoop(cfg)
+    strategy.nodes.discover(grid)
+    replies = grid.send_and_receive(list(strategy.configure_train(1)))
     strategy.aggregate_train(1, replies)
     strategy.round = 1
     # a new site joins: the folder of training site 0 (it has train/ images), no site-id
@@ -188,24 +191,24 @@ def test_onboard_strategy_detects_a_joining_node_and_lets_it_train(sites, tmp_pa
     assert entry["reply_records"] == {"arrays": [], "configs": [],
                                       "metrics": sorted([*entry["metrics"], "routing_row"])}
     assert entry["profile"]["partition-id"] == -1 and entry["profile"]["site"] == "hospital-x"
-    assert onboard.read_registry(strategy.results.dir) == [entry]
+    assert onboard.read_registry(strategy.run_dir.path) == [entry]
     assert strategy.check_new_nodes(grid, 1, "again") == []  # known now
-    msgs = list(strategy.configure_train(2, None, None, grid))
+    msgs = list(strategy.configure_train(2))
     assert sorted(m.metadata.dst_node_id for m in msgs) == [100, 101, 102, 200]
     strategy.aggregate_train(2, grid.send_and_receive(msgs))
     assert strategy.round_log[-1]["replies"] == 4 and strategy.state.extra["correlation_known"][4]
-    evals = list(strategy.configure_evaluate(2, None, None, grid))
+    evals = list(strategy.evaluator.personalised_messages(strategy.state, 2, strategy.has_trained))
     assert 200 in [m.metadata.dst_node_id for m in evals]
 
 
 def test_onboard_serving_mode_from_a_checkpoint_needs_no_training_client(sites, tmp_path):
-    from fedcoe_flwr.server import serve
+    from fedcoe_flwr.server.onboarding import serve
 
     cfg, folders = sites
     run_dir = tmp_path / "results" / "onb"
     (run_dir / "checkpoints").mkdir(parents=True)
     state = get_algorithm("fedcoe").init_state(cfg, len(folders.class_names))
-    torch.save({"round": 3, "arrays": state.arrays, "extra": state.extra, "config": cfg.to_dict()},
+    torch.save(to_payload({"round": 3, "arrays": state.arrays, "extra": state.extra, "config": cfg.to_dict()}),
                run_dir / "final_state.pt")
     grid = InProcessGrid({300: {"data-dir": str(folders.coldstart[0]), "cold-start": True,
                                 "model-path": str(tmp_path / "node" / "model.pt")}})
@@ -323,7 +326,7 @@ def test_onboard_late_joiner_gets_cold_start_model_with_the_offline_accuracy(onb
     assert entry["routing_row"] == pytest.approx(offline["routing_row"], abs=1e-6)
     # only the routing row and metrics came back over gRPC
     assert entry["reply_records"]["arrays"] == [] and entry["reply_records"]["configs"] == []
-    assert set(entry["reply_records"]["metrics"]) <= onboard.ALLOWED_METRICS
+    assert {k for k in entry["reply_records"]["metrics"] if not k.startswith(onboard.ACCURACY_PREFIX)} <= onboard.ALLOWED_METRICS
     assert len(entry["routing_row"]) == 3 and entry["reply_payload_bytes"] < 2000
     # coldstart_join_training: it trained in round 3 as a 3rd client
     rounds = [json.loads(l) for l in (dep.results_dir / "rounds.jsonl").read_text().splitlines()]

@@ -14,9 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
+from fedcoe_flwr.algorithms.base import ClientStep
 from fedcoe_flwr.algorithms.fedcoe import CORRELATION, FedCoE
 from fedcoe_flwr.data import client_splits, load_client_data, load_dataset, read_image_folder
-from fedcoe_flwr.strategy import validate_reply
+from fedcoe_flwr.server.validation import validate_reply
 
 ARCHIVE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpg.tar.gz"
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -103,7 +104,7 @@ def test_partition_and_one_fedcoe_client_step(subset, make_cfg, cpu, fresh_cache
     algo = FedCoE()
     state = algo.init_state(cfg, data.num_classes)
     payload, config = algo.train_payload(state, cfg, 0, 1)
-    upload, private, metrics = algo.client_train(payload, config, None, client, cfg, data.num_classes, cpu, seed=0)
+    upload, private, metrics = algo.client_train(ClientStep(arrays=payload, config=config, private=None, data=client, cfg=cfg, num_classes=data.num_classes, device=cpu, seed=0))
     assert metrics["num_samples"] == len(tr) and math.isfinite(metrics["train_loss"])
     assert metrics["train_loss"] < 10 * math.log(10)  # sane cross-entropy scale, not a blow-up
     assert upload[CORRELATION].sum().item() == pytest.approx(1.0, abs=1e-5)
@@ -113,6 +114,7 @@ def test_partition_and_one_fedcoe_client_step(subset, make_cfg, cpu, fresh_cache
     assert not any(k.startswith("local") for k in upload)  # private parts never uploaded
 
     cold = load_client_data(cfg, cfg.num_clients)
-    out = algo.client_coldstart(*algo.coldstart_payload(state, cfg), cold, cfg, data.num_classes, cpu)
+    payload, config = algo.coldstart_payload(state, cfg)
+    out = algo.client_coldstart(ClientStep(payload, config, None, cold, cfg, data.num_classes, cpu))
     assert 0.0 <= out["coldstart_accuracy"] <= 1.0 and out["num_test"] == len(cold.test_y)
     assert torch.isfinite(torch.tensor(out["routing_row"])).all()

@@ -14,12 +14,13 @@ from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedcoe_flwr import client
-from fedcoe_flwr.algorithms.common import weighted_average
-from fedcoe_flwr.config import ConfigError, ExperimentConfig, load_config
+from fedcoe_flwr.client import handlers as client
+from fedcoe_flwr.algorithms.training import weighted_average
+from fedcoe_flwr.config import ConfigError, ExperimentConfig, from_dict, load_config
 from fedcoe_flwr.records import ARRAYS, METRICS, metric_record, to_array_record
-from fedcoe_flwr.results import ResultsWriter
-from fedcoe_flwr.strategy import FederationError, MoEStrategy
+from fedcoe_flwr.server.callbacks.checkpoint import load_checkpoint
+from fedcoe_flwr.server.loop import RoundLoop
+from fedcoe_flwr.server.nodes import FederationError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,19 +31,19 @@ def tiny_cfg(tmp_path: Path, **kw) -> ExperimentConfig:
                 num_experts=3, gate_width=4, local_epochs=1, batch_size=16, results_dir=str(tmp_path),
                 cache_dir=str(tmp_path / "cache"), run_name="rel")
     base.update(kw)
-    return ExperimentConfig(**base)
+    return from_dict(base)
 
 
-def make_strategy(cfg: ExperimentConfig) -> MoEStrategy:
-    strategy = MoEStrategy(cfg, ResultsWriter(cfg))
-    strategy.node_of = {c: 100 + c for c in range(cfg.num_partitions)}
+def make_strategy(cfg: ExperimentConfig) -> RoundLoop:
+    strategy = RoundLoop(cfg)
+    strategy.nodes.node_of = {c: 100 + c for c in range(cfg.num_partitions)}
     return strategy
 
 
-def fake_replies(strategy: MoEStrategy, server_round: int, poison: dict[int, str] | None = None) -> list[Message]:
+def fake_replies(strategy: RoundLoop, server_round: int, poison: dict[int, str] | None = None) -> list[Message]:
     """Messages as the ClientApp would send them, from the real client update."""
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
-    msgs = list(strategy.configure_train(server_round, None, None, None))
+    msgs = list(strategy.configure_train(server_round))
     replies = []
     for msg in msgs:
         c = msg.metadata.dst_node_id - 100
@@ -103,9 +104,9 @@ def test_resume_restores_state_tensors_exactly(tmp_path):
     strategy = make_strategy(cfg)
     strategy.aggregate_train(1, fake_replies(strategy, 1))
     strategy.round = 1
-    path = strategy.results.save_checkpoint(strategy.checkpoint_payload(), 1)
+    path = strategy.checkpoints.save(strategy.checkpoint_payload(), 1)
     resumed = make_strategy(cfg.replace(resume=True))
-    resumed.restore(torch.load(path, weights_only=False))
+    resumed.restore(load_checkpoint(path))
     assert resumed.round == 1
     assert set(resumed.state.arrays) == set(strategy.state.arrays)
     for key, value in strategy.state.arrays.items():
@@ -149,7 +150,7 @@ def simulate(tmp_path: Path, client_app=None, **overrides) -> Path:
     from flwr.simulation import run_simulation
 
     from client_app.app import app as default_client_app
-    from fedcoe_flwr.server import run_server
+    from fedcoe_flwr.server.run import run_server
 
     run_config = {"config": str(ROOT / "configs" / "smoke.yaml"), "results_dir": str(tmp_path),
                   "cache_dir": str(tmp_path / "cache"), "run_name": "sim", **overrides}
@@ -319,7 +320,7 @@ def test_partitioner_properties_disjoint_deterministic_split(partition, alpha, n
        smoothing=st.floats(0.0, 1.0), cap=st.floats(0.05, 1.0), weighting=st.booleans())
 def test_correlation_shares_sum_to_one_respect_the_cap_and_ignore_order(num_samples, seed, smoothing, cap,
                                                                         weighting):
-    from fedcoe_flwr.algorithms.fedcoe import expert_weights
+    from fedcoe_flwr.algorithms.fedcoe.aggregation import expert_weights
     from fedcoe_flwr.config import from_dict
 
     cfg = from_dict({"correlation_weighting": weighting, "correlation_smoothing": smoothing,
@@ -341,7 +342,7 @@ def test_invalid_partition_is_refused_before_training_with_the_keys_to_change(tm
     before round 1 (check_partitions) and names the keys, instead of every client failing."""
     from fedcoe_flwr.config import from_dict
     from fedcoe_flwr.data import DataError
-    from fedcoe_flwr.server import check_partitions
+    from fedcoe_flwr.server.run import check_partitions
 
     cfg = from_dict({"dataset": "synthetic", "synthetic_train_size": 300, "synthetic_num_classes": 4,
                      "image_size": 8, "num_clients": 8, "num_coldstart_clients": 2, "partition": "dirichlet",
@@ -354,7 +355,7 @@ def test_invalid_partition_is_refused_before_training_with_the_keys_to_change(tm
 def test_reject_checks_norms_only_of_what_comes_back():
     """A payload may carry parts the client only reads (FedMoE-DA's relayed experts): the norm
     check compares the uploaded keys with their payload values and ignores the rest."""
-    from fedcoe_flwr.strategy import validate_reply
+    from fedcoe_flwr.server.validation import validate_reply
 
     payload = {"w": torch.ones(3), "relay.0.w": torch.ones(3)}
     expected = {"w": ((3,), torch.float32)}
@@ -375,7 +376,7 @@ def test_train_messages_share_one_array_record_per_distinct_payload(make_cfg, tm
         strategy.state.extra["correlation"][0] = [0.6, 0.3, 0.1]
         strategy.state.extra["correlation"][1] = [0.1, 0.3, 0.6]
         strategy.state.extra["correlation_known"][:2] = True
-    msgs = list(strategy.configure_train(1, None, None, None))
+    msgs = list(strategy.configure_train(1))
     records = {id(m.content.array_records[ARRAYS]) for m in msgs}
     assert len(records) == (1 if algorithm == "fedavg" else 3)
     for msg in msgs:

@@ -9,8 +9,8 @@ from flwr.serverapp import ServerApp
 from flwr.simulation import run_simulation
 
 from client_app.app import app as client_app
-from fedcoe_flwr.server import run_server
-from fedcoe_flwr.strategy import FederationError
+from fedcoe_flwr.server.run import run_server
+from fedcoe_flwr.server.nodes import FederationError
 
 ROOT = Path(__file__).resolve().parents[1]
 

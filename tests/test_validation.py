@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from fedcoe_flwr.strategy import summarise_personalised, validate_reply
+from fedcoe_flwr.algorithms.fedcoe import FedCoE
+from fedcoe_flwr.server.evaluation import summarise_personalised
+from fedcoe_flwr.server.validation import validate_reply
 
 
 def sound():
@@ -30,7 +32,8 @@ def sound():
 
 
 def check(arrays, metrics, expected, payload, ratio=100.0):
-    return validate_reply(arrays, metrics, expected, payload, ratio)
+    """The generic checks, then FedCoE's own (its correlation row must be a probability vector)."""
+    return validate_reply(arrays, metrics, expected, payload, ratio, lambda a: FedCoE().validate_upload(a, None))
 
 
 def test_sound_reply_is_accepted():

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from ..config import ExperimentConfig
 from ..data import ClientData
 from ..models import build_expert
-from .common import (Algorithm, Arrays, Reply, ServerState, load_module, prefixed, proximal_term,
-                     run_local_epochs, seeded_init, state_of, unprefixed, weighted_average)
+from .base import Algorithm, ClientStep, Predictor, Reply, ServerState
+from .training import (Arrays, load_module, prefixed, proximal_term, run_local_epochs, seeded_init, state_of,
+                       unprefixed, weighted_average)
 
 PREFIX = "model."
 
@@ -43,11 +44,10 @@ def softmax_predictor(model: torch.nn.Module):
 
 class FedAvg(Algorithm):
     name = "fedavg"
-    prox_mu_from_config = False  # FedAvg trains with plain cross-entropy
+    can_join_training = True  # no per-client server state
 
-    def _mu(self, cfg: ExperimentConfig) -> float:
-        return cfg.prox_mu if self.prox_mu_from_config else 0.0
-
+    def proximal_weight(self, cfg: ExperimentConfig) -> float:
+        return 0.0  # plain cross-entropy
     def init_state(self, cfg: ExperimentConfig, num_classes: int) -> ServerState:
         model = seeded_init(lambda: build_expert(cfg, num_classes), cfg.seed)
         return ServerState(prefixed(PREFIX, state_of(model)))
@@ -63,11 +63,14 @@ class FedAvg(Algorithm):
     def global_predict(self, state, cfg, num_classes, device):
         return softmax_predictor(build_model(cfg, num_classes, unprefixed(PREFIX, state.arrays), device))
 
-    def client_train(self, arrays, config, private, data, cfg, num_classes, device, seed):
+    def client_train(self, step: ClientStep) -> tuple[Arrays, Arrays | None, dict[str, Any]]:
+        arrays, data, cfg, num_classes, device, seed = (
+            step.arrays, step.data, step.cfg, step.num_classes, step.device, step.seed)
         model = build_model(cfg, num_classes, unprefixed(PREFIX, arrays), device)
-        loss = local_update(model, data, cfg, device, seed, self._mu(cfg))
+        loss = local_update(model, data, cfg, device, seed, self.proximal_weight(cfg))
         return prefixed(PREFIX, state_of(model)), None, {"num_samples": data.num_train, "train_loss": loss}
 
-    def client_predict(self, arrays, config, private, cfg, num_classes, device):
+    def client_predict(self, step: ClientStep) -> Predictor:
+        arrays, cfg, num_classes, device = step.arrays, step.cfg, step.num_classes, step.device
         return softmax_predictor(build_model(cfg, num_classes, unprefixed(PREFIX, arrays), device))
 

@@ -59,6 +59,7 @@ Our choices where the paper is silent:
 from __future__ import annotations
 
 import zlib
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
@@ -66,11 +67,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ExperimentConfig
+from ..config import ExperimentConfig, require
 from ..models import small_cnn
-from .common import (Algorithm, Arrays, Reply, ServerState, prefixed, run_local_epochs, seeded_init,
-                     state_of, unprefixed, weighted_average)
-from .fedper import require_cnn
+from .base import Algorithm, ClientStep, Predictor, Reply, ServerState
+from .training import Arrays, prefixed, run_local_epochs, seeded_init, state_of, unprefixed, weighted_average
+from .fedper import SmallCNNParams
 
 EMBEDDING = "embedding."
 GATE = "gate."
@@ -315,14 +316,24 @@ def client_model(cfg: ExperimentConfig, num_classes: int, arrays: Mapping[str, t
 
 
 # ============================================================== the method
+@dataclass(frozen=True)
+class FedMoEDAParams(SmallCNNParams):
+    fedmoe_da_top_p: int = 5  # P: experts each expert aggregates with (besides itself)
+    fedmoe_da_interval: int = 5  # I: rounds between gate uploads / aggregation-matrix updates
+    fedmoe_da_tau: float = 1.0  # temperature of the aggregation softmax
+
+    def check(self, cfg: ExperimentConfig) -> None:
+        require(self, ge0=("fedmoe_da_top_p",), ge1=("fedmoe_da_interval",), gt0=("fedmoe_da_tau",))
+
+
 class FedMoEDA(Algorithm):
     name = "fedmoe_da"
+    Params = FedMoEDAParams
     has_global_model = False
     coldstart_needs_client_parts = True
 
     # ---- server side
     def init_state(self, cfg: ExperimentConfig, num_classes: int) -> ServerState:
-        require_cnn(cfg, self.name)
         model = initial_model(cfg, num_classes)
         n, k = cfg.num_clients, cfg.num_experts
         s = min(cfg.fedmoe_da_top_p + 1, n * k)
@@ -456,7 +467,9 @@ class FedMoEDA(Algorithm):
                         "num_parts_averaged": len(parts)}
 
     # ---- client side
-    def client_train(self, arrays, config, private, data, cfg, num_classes, device, seed):
+    def client_train(self, step: ClientStep) -> tuple[Arrays, Arrays | None, dict[str, Any]]:
+        arrays, config, private, data, cfg, num_classes, device, seed = (
+            step.arrays, step.config, step.private, step.data, step.cfg, step.num_classes, step.device, step.seed)
         model = client_model(cfg, num_classes, arrays, config, private, device)  # pending Eq. 11 first
         load = torch.zeros(cfg.num_experts)
 
@@ -475,12 +488,15 @@ class FedMoEDA(Algorithm):
                    "routing_load": (load / load.sum().clamp_min(1)).tolist()}
         return upload, model.private_state(), metrics
 
-    def client_predict(self, arrays, config, private, cfg, num_classes, device):
+    def client_predict(self, step: ClientStep) -> Predictor:
+        arrays, config, private, cfg, num_classes, device = (
+            step.arrays, step.config, step.private, step.cfg, step.num_classes, step.device)
         model = client_model(cfg, num_classes, arrays, config, private, device)
         model.eval()
         return lambda x: F.softmax(model(x), dim=1)
 
-    def client_eval_upload(self, arrays, config, private, cfg):
+    def client_eval_upload(self, step: ClientStep) -> Arrays | None:
+        arrays, config, private, cfg = step.arrays, step.config, step.private, step.cfg
         """Gate and experts as evaluated (pending Eq. 11 applied), for the cold-start average."""
         if not private:
             return None

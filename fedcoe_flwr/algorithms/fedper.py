@@ -26,15 +26,16 @@ Our choices where the paper is silent:
 
 from __future__ import annotations
 
-from typing import Mapping
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 
-from ..config import ExperimentConfig
+from ..config import ExperimentConfig, Section, bad_value
 from ..models import SmallCNN, small_cnn
-from .common import (Algorithm, Arrays, Reply, ServerState, prefixed, run_local_epochs, seeded_init,
-                     state_of, unprefixed, weighted_average)
+from .base import Algorithm, ClientStep, Predictor, Reply, ServerState
+from .training import Arrays, prefixed, run_local_epochs, seeded_init, state_of, unprefixed, weighted_average
 
 BODY = "body."
 HEAD = "head."
@@ -42,11 +43,15 @@ BODY_LAYERS = ("conv1.", "conv2.")
 HEAD_LAYERS = ("fc1.", "classifier.")
 
 
-def require_cnn(cfg: ExperimentConfig, name: str) -> None:
-    """These baselines are defined on the paper's SmallCNN (2 conv + 2 FC)."""
-    if cfg.model != "cnn":
-        raise ValueError(f"{name} is defined on the FedMoE-DA paper's CNN (two conv + two FC layers); "
-                         f"set model: cnn (got model={cfg.model!r})")
+@dataclass(frozen=True)
+class SmallCNNParams(Section):
+    """Methods that split the FedMoE-DA paper's small CNN (two conv + two FC layers) into a
+    shared and a private part, as their papers do: they need ``model: cnn``."""
+
+    def check_selected(self, cfg: ExperimentConfig) -> None:
+        if cfg.model != "cnn":
+            raise bad_value("model", cfg.model, f"algorithm '{cfg.algorithm}' splits the small CNN as its paper "
+                                                "does: use model 'cnn'")
 
 
 def initial_model(cfg: ExperimentConfig, num_classes: int) -> SmallCNN:
@@ -82,13 +87,13 @@ def softmax_predictor(model: torch.nn.Module):
 
 class FedPer(Algorithm):
     name = "fedper"
+    Params = SmallCNNParams
     has_global_model = False
     coldstart_needs_client_parts = True
     body_layers: tuple[str, ...] = BODY_LAYERS  # shared; the rest of the CNN is private
 
     # ---- server side
     def init_state(self, cfg: ExperimentConfig, num_classes: int) -> ServerState:
-        require_cnn(cfg, self.name)
         body, _ = split_state(state_of(initial_model(cfg, num_classes)), self.body_layers)
         return ServerState(prefixed(BODY, body))
 
@@ -109,7 +114,9 @@ class FedPer(Algorithm):
         return arrays, {"num_heads_averaged": len(heads)}
 
     # ---- client side
-    def client_train(self, arrays, config, private, data, cfg, num_classes, device, seed):
+    def client_train(self, step: ClientStep) -> tuple[Arrays, Arrays | None, dict[str, Any]]:
+        arrays, private, data, cfg, num_classes, device, seed = (
+            step.arrays, step.private, step.data, step.cfg, step.num_classes, step.device, step.seed)
         head = unprefixed(HEAD, private) if private else None
         model = build_client_model(cfg, num_classes, unprefixed(BODY, arrays), head, device, self.body_layers)
 
@@ -120,7 +127,8 @@ class FedPer(Algorithm):
         body, head = split_state(state_of(model), self.body_layers)
         return prefixed(BODY, body), prefixed(HEAD, head), {"num_samples": data.num_train, "train_loss": loss}
 
-    def client_predict(self, arrays, config, private, cfg, num_classes, device):
+    def client_predict(self, step: ClientStep) -> Predictor:
+        arrays, private, cfg, num_classes, device = step.arrays, step.private, step.cfg, step.num_classes, step.device
         if private:
             head = unprefixed(HEAD, private)
         elif any(k.startswith(HEAD) for k in arrays):  # the cold-start model carries its head
@@ -130,6 +138,7 @@ class FedPer(Algorithm):
         return softmax_predictor(build_client_model(cfg, num_classes, unprefixed(BODY, arrays), head, device,
                                                     self.body_layers))
 
-    def client_eval_upload(self, arrays, config, private, cfg):
+    def client_eval_upload(self, step: ClientStep) -> Arrays | None:
+        private = step.private
         """The private head, only for the cold-start model's average (evaluation protocol)."""
         return dict(private) if private else None

@@ -3,9 +3,23 @@ mu = ``prox_mu`` (default 0.01). Shares FedAvg's functions; only mu differs."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from ..config import ExperimentConfig, Section, require
 from .fedavg import FedAvg
+
+
+@dataclass(frozen=True)
+class FedProxParams(Section):
+    prox_mu: float = 0.01  # mu of the proximal term
+
+    def check(self, cfg: ExperimentConfig) -> None:
+        require(self, ge0=("prox_mu",))
 
 
 class FedProx(FedAvg):
     name = "fedprox"
-    prox_mu_from_config = True
+    Params = FedProxParams
+
+    def proximal_weight(self, cfg: ExperimentConfig) -> float:
+        return cfg.methods[self.name].prox_mu

@@ -48,16 +48,17 @@ Our choices where the paper (or its summary) is silent:
 from __future__ import annotations
 
 import zlib
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ExperimentConfig
-from .common import (Algorithm, Arrays, Reply, ServerState, prefixed, run_local_epochs, seeded_init,
-                     state_of, unprefixed, weighted_average)
-from .fedper import require_cnn
+from ..config import ExperimentConfig, bad_value
+from .base import Algorithm, ClientStep, Predictor, Reply, ServerState
+from .training import Arrays, prefixed, run_local_epochs, seeded_init, state_of, unprefixed, weighted_average
+from .fedper import SmallCNNParams
 
 GLOBAL = "global."
 LOCAL = "local."
@@ -260,14 +261,28 @@ def average_local_parts(client_parts: list[tuple[Mapping[str, torch.Tensor], int
 
 
 # ============================================================== the method
+@dataclass(frozen=True)
+class PFedMoEParams(SmallCNNParams):
+    pfedmoe_local_widths: str = "1.0"  # width multipliers of local extractors, cycled over clients
+
+    def check(self, cfg: ExperimentConfig) -> None:
+        try:
+            widths = [float(w) for w in self.pfedmoe_local_widths.split(",")]
+        except ValueError:
+            widths = []
+        if not widths or min(widths) <= 0:
+            raise bad_value("pfedmoe_local_widths", self.pfedmoe_local_widths,
+                            "must be comma-separated positive numbers, e.g. '1.0,2.0'")
+
+
 class PFedMoE(Algorithm):
     name = "pfedmoe"
+    Params = PFedMoEParams
     has_global_model = False
     coldstart_needs_client_parts = True
 
     # ---- server side
     def init_state(self, cfg: ExperimentConfig, num_classes: int) -> ServerState:
-        require_cnn(cfg, self.name)
         extractor = seeded_init(lambda: build_global_extractor(cfg), common_seed(cfg, "global"))
         return ServerState(prefixed(GLOBAL, state_of(extractor)))
 
@@ -294,7 +309,9 @@ class PFedMoE(Algorithm):
         return {**dict(state.arrays), **local}, info
 
     # ---- client side
-    def client_train(self, arrays, config, private, data, cfg, num_classes, device, seed):
+    def client_train(self, step: ClientStep) -> tuple[Arrays, Arrays | None, dict[str, Any]]:
+        arrays, config, private, data, cfg, num_classes, device, seed = (
+            step.arrays, step.config, step.private, step.data, step.cfg, step.num_classes, step.device, step.seed)
         if not private:
             private = initial_private(cfg, num_classes, float(config["local_width"]))
         model = build_client_model(cfg, num_classes, arrays, private, device)
@@ -311,7 +328,9 @@ class PFedMoE(Algorithm):
         return model.shared_state(), model.private_state(), {
             "num_samples": data.num_train, "train_loss": loss, "gate_global_mean": gate_sum / max(count, 1)}
 
-    def client_predict(self, arrays, config, private, cfg, num_classes, device):
+    def client_predict(self, step: ClientStep) -> Predictor:
+        arrays, config, private, cfg, num_classes, device = (
+            step.arrays, step.config, step.private, step.cfg, step.num_classes, step.device)
         if private:
             parts = private
         elif any(k.startswith(LOCAL) for k in arrays):  # the cold-start model carries averaged parts
@@ -322,6 +341,7 @@ class PFedMoE(Algorithm):
         model.eval()
         return lambda x: F.softmax(model(x), dim=1)
 
-    def client_eval_upload(self, arrays, config, private, cfg):
+    def client_eval_upload(self, step: ClientStep) -> Arrays | None:
+        private = step.private
         """Local extractor, gate and head, only for the cold-start average."""
         return dict(private) if private else None

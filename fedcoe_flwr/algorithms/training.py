@@ -1,17 +1,10 @@
-"""What every method shares: the Algorithm interface the Strategy and ClientApp call,
-weighted averaging of state dicts, local SGD and evaluation loops.
-
-Arrays cross the wire as flat ``dict[str, Tensor]`` with dotted prefixes
-(``model.``, ``gate.``, ``expert.3.``); the Flower glue only converts them. Keys that
-start with ``relay.`` stand for peer-to-peer traffic the server only relays (FedMoE-DA's
-experts): the communication report counts their bytes separately."""
+"""What the methods' own modules share: state-dict plumbing, weighted averaging, the
+local SGD loop and prediction/accuracy helpers."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,101 +14,6 @@ from ..data import ClientData, batches
 
 Arrays = dict[str, torch.Tensor]
 BN_BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
-RELAY_PREFIX = "relay."
-
-
-@dataclass
-class Reply:
-    """One client's validated training reply, as the aggregation functions see it."""
-
-    client_index: int
-    num_samples: int
-    arrays: Arrays
-    metrics: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class ServerState:
-    """Everything the server must checkpoint: tensors plus small numpy extras."""
-
-    arrays: Arrays
-    extra: dict[str, np.ndarray] = field(default_factory=dict)
-
-
-class Algorithm:
-    """Pure client-update and server-aggregation functions of one method.
-
-    The Strategy moves records; it never looks inside them beyond validation."""
-
-    name = "base"
-    has_global_model = True  # False: global accuracy is the mean over clients' models
-    # True: the new-client model averages clients' private parts (FedPer's heads, ...),
-    # which training clients send with their evaluation reply (see client_eval_upload)
-    coldstart_needs_client_parts = False
-
-    # ---- server side ---------------------------------------------------------
-    def init_state(self, cfg: ExperimentConfig, num_classes: int) -> ServerState:
-        raise NotImplementedError
-
-    def train_payload(self, state: ServerState, cfg: ExperimentConfig, client_index: int,
-                      server_round: int) -> tuple[Arrays, dict[str, Any]]:
-        raise NotImplementedError
-
-    def expected_upload(self, payload: Arrays, config: Mapping[str, Any], cfg: ExperimentConfig
-                        ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        """Keys, shapes and dtypes a valid reply to ``payload`` must carry."""
-        return {k: (tuple(v.shape), v.dtype) for k, v in payload.items()}
-
-    def aggregate(self, state: ServerState, replies: list[Reply], cfg: ExperimentConfig,
-                  server_round: int) -> tuple[ServerState, dict[str, Any]]:
-        raise NotImplementedError
-
-    def eval_payload(self, state: ServerState, cfg: ExperimentConfig, client_index: int
-                     ) -> tuple[Arrays, dict[str, Any]]:
-        return self.train_payload(state, cfg, client_index, 0)
-
-    def coldstart_payload(self, state: ServerState, cfg: ExperimentConfig,
-                          client_parts: list[tuple[Arrays, int]] | None = None
-                          ) -> tuple[Arrays, dict[str, Any]]:
-        """The model a new client gets. ``client_parts``: (arrays, n_train) from every
-        training client's evaluation reply when ``coldstart_needs_client_parts``."""
-        return self.train_payload(state, cfg, -1, 0)
-
-    def global_predict(self, state: ServerState, cfg: ExperimentConfig, num_classes: int,
-                       device: torch.device) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """A function x -> class probabilities of the method's single global model."""
-        return None
-
-    def global_diagnostics(self, state: ServerState, cfg: ExperimentConfig, num_classes: int,
-                           device: torch.device, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
-        """Extra per-evaluation figures on the global test set (FedCoE: each expert alone)."""
-        return {}
-
-    # ---- client side ---------------------------------------------------------
-    def client_train(self, arrays: Arrays, config: Mapping[str, Any], private: Arrays | None,
-                     data: ClientData, cfg: ExperimentConfig, num_classes: int, device: torch.device,
-                     seed: int) -> tuple[Arrays, Arrays | None, dict[str, Any]]:
-        """-> (arrays to upload, new private state, metrics incl. num_samples, train_loss)."""
-        raise NotImplementedError
-
-    def client_predict(self, arrays: Arrays, config: Mapping[str, Any], private: Arrays | None,
-                       cfg: ExperimentConfig, num_classes: int, device: torch.device
-                       ) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The client's personalised model as x -> class probabilities."""
-        raise NotImplementedError
-
-    def client_eval_upload(self, arrays: Arrays, config: Mapping[str, Any], private: Arrays | None,
-                           cfg: ExperimentConfig) -> Arrays | None:
-        """What a training client sends back at evaluation time for the cold-start model
-        (only when ``coldstart_needs_client_parts``); never training data."""
-        return None
-
-    def client_coldstart(self, arrays: Arrays, config: Mapping[str, Any], data: ClientData,
-                         cfg: ExperimentConfig, num_classes: int, device: torch.device
-                         ) -> dict[str, Any]:
-        """Evaluate the new-client model on the local test split with no gradient step."""
-        predict = self.client_predict(arrays, config, None, cfg, num_classes, device)
-        return {"coldstart_accuracy": accuracy(predict, data.test_x, data.test_y, cfg, device)}
 
 
 # ------------------------------------------------------------------ state dicts

@@ -1,0 +1,106 @@
+"""FedCoE's server math: each client's expert set, each expert aggregated with the
+contributors' smoothed, capped correlation weights, and routing diagnostics."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from ...config import ExperimentConfig
+from ..training import Arrays, BN_BUFFER_SUFFIXES, weighted_average
+
+def expert_set(row: np.ndarray | None, m: int, num_experts: int) -> list[int]:
+    """The client's expert set S_i: top-m of its correlation row, all K while unknown."""
+    if row is None or m >= num_experts:
+        return list(range(num_experts))
+    return sorted(int(k) for k in np.argsort(-row, kind="stable")[:m])
+
+
+def cap_shares(shares: np.ndarray, cap: float) -> np.ndarray:
+    """Limit every share to ``cap`` and hand the excess to the others in proportion
+    (water-filling). With fewer than 1/cap contributors the cap is raised to 1/n."""
+    shares = np.asarray(shares, dtype=np.float64)
+    shares = shares / shares.sum()
+    cap = max(cap, 1.0 / len(shares))
+    capped = np.zeros(len(shares), dtype=bool)
+    for _ in range(len(shares)):
+        over = (shares > cap + 1e-12) & ~capped
+        if not over.any():
+            break
+        capped |= over
+        free = 1.0 - cap * capped.sum()
+        rest = shares[~capped]
+        shares = np.where(capped, cap, shares)
+        if rest.sum() > 0:
+            shares[~capped] = rest / rest.sum() * free
+        elif (~capped).any():  # the others all had zero share: split the excess evenly (sum stays 1)
+            shares[~capped] = free / (~capped).sum()
+    return shares
+
+
+def expert_weights(num_samples: np.ndarray, correlations: np.ndarray, k: int, cfg: ExperimentConfig
+                   ) -> np.ndarray:
+    """Shares of each contributor in expert k: n_i * c~_ik, c~ smoothed toward uniform,
+    then capped; plain sample weights when correlation weighting is off."""
+    n = np.asarray(num_samples, dtype=np.float64)
+    if not cfg.correlation_weighting:
+        return n / n.sum()
+    num_experts = correlations.shape[1]
+    s = cfg.correlation_smoothing
+    smoothed = (1 - s) * correlations[:, k] + s / num_experts
+    w = n * smoothed
+    return cap_shares(w / w.sum(), cfg.correlation_cap)
+
+
+def aggregate_expert(states: list[Mapping[str, torch.Tensor]], shares: np.ndarray,
+                     num_samples: np.ndarray, method: str = "mean", trim_fraction: float = 0.1) -> Arrays:
+    """Parameters by the correlation shares (or a robust rule); BatchNorm statistics by
+    plain sample weights (never by correlation weights)."""
+    params = weighted_average(states, shares, method, trim_fraction)
+    bn_keys = [key for key in states[0] if key.endswith(BN_BUFFER_SUFFIXES)]
+    if bn_keys:
+        bn = weighted_average([{k: s[k] for k in bn_keys} for s in states], num_samples)
+        params.update(bn)
+    return params
+
+
+def aggregate_pool(pool: list[Arrays], contributions: list[tuple[dict[int, Arrays], np.ndarray, int]],
+                   cfg: ExperimentConfig) -> tuple[list[Arrays], list[float | None]]:
+    """New expert pool from (experts the client trained, its correlation row, n_i).
+    An expert nobody received stays as it was. Returns each expert's largest single
+    client share (the takeover detector; None when nobody updated it)."""
+    new_pool, max_share = [], []
+    for k, old in enumerate(pool):
+        users = [(experts[k], row, n) for experts, row, n in contributions if k in experts]
+        if not users:
+            new_pool.append(old)
+            max_share.append(None)
+            continue
+        states = [u[0] for u in users]
+        rows = np.stack([u[1] for u in users])
+        n = np.array([u[2] for u in users], dtype=np.float64)
+        shares = expert_weights(n, rows, k, cfg)
+        new_pool.append(aggregate_expert(states, shares, n, cfg.robust_aggregation, cfg.trim_fraction))
+        max_share.append(float(shares.max()))
+    return new_pool, max_share
+
+
+def routing_diagnostics(rows: np.ndarray) -> dict[str, Any]:
+    """How the gate routes, from the known correlation rows (clients x K): the experts'
+    mean usage, its entropy (1 = all experts used alike, 0 = one expert), the mean row
+    entropy (low = each client routes to few experts) and the spread of the rows across
+    clients (mean over experts of the std over clients; 0 = every client routes alike)."""
+    if len(rows) == 0:
+        return {"expert_usage": []}
+    k = rows.shape[1]
+
+    def entropy(p: np.ndarray) -> np.ndarray:
+        p = np.clip(p, 1e-12, 1.0)
+        return -(p * np.log(p)).sum(-1) / np.log(k) if k > 1 else np.zeros(p.shape[:-1])
+
+    usage = rows.mean(0)
+    return {"expert_usage": usage.tolist(), "expert_usage_entropy": float(entropy(usage)),
+            "correlation_row_entropy": float(entropy(rows).mean()),
+            "correlation_spread": float(rows.std(0).mean())}

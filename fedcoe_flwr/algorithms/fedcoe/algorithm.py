@@ -1,0 +1,236 @@
+"""FedCoE (Dai et al. 2026) as the server and client see it: the hooks of ``Algorithm``.
+
+Level 1 (global): the server's expert pool {theta_k} and one shared gate phi;
+y(x) = sum_k g_k(x) softmax(f_k(x)) over the client's expert set.
+Level 2 (local): a private local part l_i and local gate beta_i(x);
+p_i(y|x) = (1 - beta_i(x)) y(x) + beta_i(x) softmax(l_i(x)).
+Clients upload their trained experts, gate and correlation row (mean gate
+probabilities over their training data); the server aggregates each expert with
+smoothed, capped correlation weights and the gate with sample weights.
+With ``shared_trunk`` the experts share one trunk (the convolutions, averaged with
+sample weights like FedAvg) and differ in their heads (the rest of the network).
+The levers behind each config key, and the choices where the paper is silent, are in
+docs/algorithms/fedcoe.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from ...config import ExperimentConfig
+from ...models import build_expert
+from ..base import Algorithm, ClientStep, Predictor, Reply, ServerState
+from ..training import (Arrays, accuracy, nll_of_probs, predict_probs, prefixed, proximal_term, run_local_epochs,
+                        seeded_init, state_of, unprefixed, weighted_average)
+from .aggregation import aggregate_pool, expert_set, routing_diagnostics
+from .coldstart import NewClientModel, adapt_new_client, coldstart_evaluate
+from .model import (CLASS_MARGINAL, CORRELATION, GATE, TRAIN_PRIOR, TRUNK, FedCoEModel, build_client_model,
+                    build_gate, expert_prefix, network_part)
+from .params import FedCoEParams, experts_per_client
+from .plots import plot_correlation
+from .priors import as_prior, prior_correct
+
+
+class FedCoE(Algorithm):
+    name = "fedcoe"
+    Params = FedCoEParams
+    has_global_model = True
+    can_join_training = True  # add_client gives the new client its own correlation row
+    diagnostic_keys = ("expert_usage_entropy", "correlation_row_entropy", "correlation_spread",
+                       "expert_max_client_share", "expert_global_accuracy")
+
+    def init_state(self, cfg: ExperimentConfig, num_classes: int) -> ServerState:
+        arrays = prefixed(GATE, state_of(seeded_init(lambda: build_gate(cfg, num_classes), cfg.seed)))
+        part = "head" if cfg.shared_trunk else "all"
+        if cfg.shared_trunk:
+            trunk = seeded_init(lambda: build_expert(cfg, num_classes), cfg.seed * 1000)
+            arrays.update(prefixed(TRUNK, network_part(trunk, "trunk")))
+        for k in range(cfg.num_experts):
+            # independent initialisations: the experts must be able to diverge
+            expert = seeded_init(lambda: build_expert(cfg, num_classes), cfg.seed * 1000 + k + 1)
+            arrays.update(prefixed(expert_prefix(k), network_part(expert, part)))
+        extra = {
+            "correlation": np.full((cfg.num_clients, cfg.num_experts), 1.0 / cfg.num_experts),
+            "correlation_known": np.zeros(cfg.num_clients, dtype=bool),
+            "train_prior": np.full(num_classes, 1.0 / num_classes),
+        }
+        return ServerState(arrays, extra)
+
+    def client_experts(self, state: ServerState, cfg: ExperimentConfig, client_index: int) -> list[int]:
+        known = 0 <= client_index < cfg.num_clients and bool(state.extra["correlation_known"][client_index])
+        row = state.extra["correlation"][client_index] if known else None
+        return expert_set(row, experts_per_client(cfg), cfg.num_experts)
+
+    def _payload(self, state: ServerState, ids: list[int]) -> tuple[Arrays, dict[str, Any]]:
+        """The gate and only the experts in ``ids``: a client never downloads the rest."""
+        prefixes = (GATE, TRUNK) + tuple(expert_prefix(k) for k in ids)
+        return {k: v for k, v in state.arrays.items() if k.startswith(prefixes)}, {"expert_ids": ids}
+
+    def train_payload(self, state, cfg, client_index, server_round):
+        arrays, config = self._payload(state, self.client_experts(state, cfg, client_index))
+        return self._with_prior(arrays, state, cfg.local_prior_correction), config
+
+    def coldstart_payload(self, state, cfg, client_parts=None):
+        arrays, config = self._payload(state, list(range(cfg.num_experts)))
+        return self._with_prior(arrays, state, cfg.coldstart_prior == "predicted"), config
+
+    @staticmethod
+    def _with_prior(arrays: Arrays, state: ServerState, wanted: bool) -> Arrays:
+        """The federation's predicted training prior (num_classes floats), read-only for clients."""
+        if wanted and "train_prior" in state.extra:
+            arrays[TRAIN_PRIOR] = torch.as_tensor(state.extra["train_prior"], dtype=torch.float32)
+        return arrays
+
+    def expected_upload(self, payload, config, cfg):
+        expected = super().expected_upload(payload, config, cfg)
+        expected.pop(TRAIN_PRIOR, None)  # sent to the client, never returned
+        expected[CORRELATION] = ((cfg.num_experts,), torch.float32)
+        num_classes = next(v.shape[0] for k, v in payload.items() if k.endswith("classifier.bias"))
+        expected[CLASS_MARGINAL] = ((num_classes,), torch.float32)
+        return expected
+
+    def validate_upload(self, arrays: Arrays, cfg: ExperimentConfig) -> str | None:
+        for key in (CORRELATION, CLASS_MARGINAL):
+            row = arrays.get(key)
+            if row is not None and ((row < 0).any() or abs(float(row.sum()) - 1.0) > 1e-3):
+                return f"{key} row is not a probability vector (sum {float(row.sum()):.4f})"
+        return None
+
+    def aggregate(self, state: ServerState, replies: list[Reply], cfg, server_round):
+        pool = [unprefixed(expert_prefix(k), state.arrays) for k in range(cfg.num_experts)]
+        contributions = []
+        correlation = state.extra["correlation"].copy()
+        known = state.extra["correlation_known"].copy()
+        for r in replies:
+            row = r.arrays[CORRELATION].double().numpy()
+            correlation[r.client_index], known[r.client_index] = row, True
+            experts = {k: unprefixed(expert_prefix(k), r.arrays) for k in range(cfg.num_experts)
+                       if any(key.startswith(expert_prefix(k)) for key in r.arrays)}
+            contributions.append((experts, row, r.num_samples))
+        new_pool, max_share = aggregate_pool(pool, contributions, cfg)
+        n = [r.num_samples for r in replies]
+        arrays = prefixed(GATE, weighted_average([unprefixed(GATE, r.arrays) for r in replies], n))
+        if cfg.shared_trunk:  # every client trains the trunk: FedAvg (or the robust rule)
+            arrays.update(prefixed(TRUNK, weighted_average([unprefixed(TRUNK, r.arrays) for r in replies], n,
+                                                           cfg.robust_aggregation, cfg.trim_fraction)))
+        for k, expert in enumerate(new_pool):
+            arrays.update(prefixed(expert_prefix(k), expert))
+        marginals = np.stack([r.arrays[CLASS_MARGINAL].double().numpy() for r in replies])
+        train_prior = np.asarray(n, dtype=np.float64) @ marginals / sum(n)
+        diagnostics = {"expert_max_client_share": [(-1.0 if s is None else s) for s in max_share],
+                       **routing_diagnostics(correlation[known])}
+        extra = {"correlation": correlation, "correlation_known": known, "train_prior": train_prior}
+        return ServerState(arrays, extra), diagnostics
+
+    def add_client(self, state: ServerState, client_index: int, cfg: ExperimentConfig) -> ServerState:
+        """Correlation rows for clients up to ``client_index`` (uniform and unknown until it trains)."""
+        corr, known = state.extra["correlation"], state.extra["correlation_known"]
+        add = client_index + 1 - len(corr)
+        if add <= 0:
+            return state
+        k = cfg.num_experts
+        extra = {**state.extra, "correlation": np.concatenate([corr, np.full((add, k), 1.0 / k)]),
+                 "correlation_known": np.concatenate([known, np.zeros(add, dtype=bool)])}
+        return ServerState(state.arrays, extra)
+
+    def write_plots(self, state: ServerState, cfg: ExperimentConfig, run_dir: Path) -> list[Path]:
+        return [plot_correlation(state.extra["correlation"], state.extra["correlation_known"],
+                                 run_dir / "correlation.png")]
+
+    def describe(self, cfg: ExperimentConfig) -> str:
+        return f"model={cfg.model} experts={cfg.num_experts} per client={experts_per_client(cfg)}"
+
+    def routing_row_size(self, cfg: ExperimentConfig) -> int | None:
+        return cfg.num_experts
+
+    def onboard(self, step: ClientStep, unlabeled: torch.Tensor) -> tuple[dict[str, Any], list[float] | None]:
+        new = adapt_new_client(step.arrays, unlabeled, step.cfg, step.num_classes, step.device)
+        bundle = {"expert_ids": list(new.model.expert_ids),
+                  "arrays": {k: v.detach().cpu().clone() for k, v in new.model.shared_state().items()},
+                  "adabn": new.adabn, "prior": None if new.prior is None else new.prior.cpu(),
+                  "train_prior": new.train_prior}
+        return bundle, [float(v) for v in new.row]
+
+    def bundle_predictor(self, bundle: Mapping[str, Any], cfg: ExperimentConfig, num_classes: int,
+                         device: torch.device) -> Predictor:
+        model = FedCoEModel(cfg, num_classes, [int(k) for k in bundle["expert_ids"]], with_private=False)
+        model.load_shared(bundle["arrays"])
+        model.to(device).eval()
+        return NewClientModel(model, torch.zeros(0), bool(bundle.get("adabn")), bundle.get("prior"),
+                              bundle["train_prior"]).predict
+
+    def global_diagnostics(self, state, cfg, num_classes, device, x, y):
+        """Each expert alone (with the trunk when shared) on the global test set."""
+        model = FedCoEModel(cfg, num_classes, list(range(cfg.num_experts)), with_private=False)
+        model.load_shared(state.arrays)
+        model.to(device).eval()
+        other = cfg.replace(global_balanced=not cfg.global_balanced)  # the global model's other variant
+        key = "global_accuracy_" + ("raw" if cfg.global_balanced else "balanced")
+        return {"expert_global_accuracy": [accuracy(model.expert_alone(k), x, y, cfg, device)
+                                           for k in range(cfg.num_experts)],
+                key: accuracy(self.global_predict(state, other, num_classes, device), x, y, cfg, device)}
+
+    def global_predict(self, state, cfg, num_classes, device):
+        model = FedCoEModel(cfg, num_classes, list(range(cfg.num_experts)), with_private=False)
+        model.load_shared(state.arrays)
+        model.to(device).eval()
+        top = experts_per_client(cfg) if experts_per_client(cfg) < cfg.num_experts else None
+        if not cfg.global_balanced:
+            return lambda x: model.mixture(x, per_sample_top=top)[0]
+        prior = as_prior(state.extra.get("train_prior", np.full(num_classes, 1.0 / num_classes))).to(device)
+        uniform = torch.full_like(prior, 1.0 / num_classes)
+        return lambda x: prior_correct(model.mixture(x, per_sample_top=top)[0], uniform, prior)
+
+    # ---- client side
+    def client_train(self, step: ClientStep) -> tuple[Arrays, Arrays | None, dict[str, Any]]:
+        arrays, config, private, data, cfg, num_classes, device, seed = (
+            step.arrays, step.config, step.private, step.data, step.cfg, step.num_classes, step.device, step.seed)
+        ids = [int(k) for k in config["expert_ids"]]
+        model = build_client_model(cfg, num_classes, arrays, ids, private, device, private_seed=seed)
+        if model.prior_correction:
+            model.set_local_prior(data.train_y, num_classes)
+        shared = model.shared_modules()
+        anchors = [{k: v.detach().clone() for k, v in m.named_parameters()} for m in shared]
+        has_local = model.local is not None
+
+        def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            p, mix, local = model.parts(x)
+            loss = nll_of_probs(p, y)
+            if has_local and cfg.aux_weight > 0:
+                loss = loss + cfg.aux_weight * nll_of_probs(mix, y)  # keeps the pool trained
+            if local is not None and cfg.local_loss_weight > 0:  # the local part a classifier on its own
+                loss = loss + cfg.local_loss_weight * nll_of_probs(local, y)
+            if cfg.load_balance_weight > 0:
+                loss = loss + cfg.load_balance_weight * model.load_balance_loss()
+            if cfg.prox_mu > 0:
+                loss = loss + cfg.prox_mu / 2 * proximal_term(shared, anchors)
+            return loss
+
+        loss = run_local_epochs(list(model.parameters()), [model], data, cfg, device, seed, loss_fn)
+        model.eval()
+        row = predict_probs(model.gate_probs, data.train_x, cfg, device).mean(0)
+        upload = model.shared_state()
+        upload[CORRELATION] = row.float()
+        # mean predicted class probabilities of the global mixture (no labels): the server's
+        # sample-weighted mean is the training prior the cold-start EM correction needs
+        upload[CLASS_MARGINAL] = predict_probs(lambda x: model.mixture(x)[0], data.train_x, cfg, device
+                                               ).mean(0).float()
+        return upload, (model.private_state() or None), {"num_samples": data.num_train, "train_loss": loss}
+
+    def client_predict(self, step: ClientStep) -> Predictor:
+        arrays, config, private, cfg, num_classes, device = (
+            step.arrays, step.config, step.private, step.cfg, step.num_classes, step.device)
+        ids = [int(k) for k in config["expert_ids"]]
+        model = build_client_model(cfg, num_classes, arrays, ids, private, device, private_seed=0)
+        model.eval()
+        if not private:  # never trained here: no local part yet, the global mixture alone
+            return lambda x: model.mixture(x)[0]
+        return lambda x: model(x)[0]
+
+    def client_coldstart(self, step: ClientStep) -> dict[str, Any]:
+        arrays, data, cfg, num_classes, device = step.arrays, step.data, step.cfg, step.num_classes, step.device
+        return coldstart_evaluate(arrays, data, cfg, num_classes, device)
+

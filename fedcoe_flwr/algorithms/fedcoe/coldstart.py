@@ -1,0 +1,135 @@
+"""A new client's model from the pool with no gradient step: route on its unlabeled
+images, keep its top-m experts when configured, AdaBN, EM label-prior correction.
+``adapt_new_client`` is the one adaptation that cold-start evaluation scores and that an
+onboarded node saves; ``coldstart_evaluate`` also reports each adaptation on and off."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ...config import ExperimentConfig
+from ...data import ClientData, batches
+from ..training import accuracy, predict_probs
+from .aggregation import expert_set
+from .model import TRAIN_PRIOR, FedCoEModel
+from .params import experts_per_client
+from .priors import as_prior, em_label_prior, prior_correct
+
+
+@torch.no_grad()
+def reestimate_batchnorm(model: nn.Module, x: torch.Tensor, cfg: ExperimentConfig, device: torch.device) -> bool:
+    """AdaBN (Li et al. 2016): BatchNorm statistics recomputed on unlabeled local data."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or len(x) == 0:
+        return False
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over all batches
+    model.train()
+    for xb, _ in batches(x, torch.zeros(len(x)), cfg.eval_batch_size, device):
+        model(xb)
+    for m, momentum in zip(norms, saved):
+        m.momentum = momentum
+    model.eval()
+    return True
+
+
+def training_prior(arrays: Mapping[str, torch.Tensor], cfg: ExperimentConfig, num_classes: int) -> torch.Tensor:
+    """The label distribution the pool was trained under, as EM needs it: the federation's
+    sample-weighted mean prediction on the training clients' data (``coldstart_prior:
+    predicted``, shipped in the cold-start package) or uniform."""
+    if cfg.coldstart_prior == "predicted" and TRAIN_PRIOR in arrays:
+        return as_prior(arrays[TRAIN_PRIOR])
+    return torch.full((num_classes,), 1.0 / num_classes)
+
+
+def pool_model(arrays: Mapping[str, torch.Tensor], cfg: ExperimentConfig, num_classes: int,
+               device: torch.device) -> FedCoEModel:
+    """The gate, trunk and all K experts of the package, no private parts, in eval mode."""
+    model = FedCoEModel(cfg, num_classes, list(range(cfg.num_experts)), with_private=False)
+    model.load_shared(arrays)
+    return model.to(device).eval()
+
+
+def route(model: FedCoEModel, unlabeled: torch.Tensor, cfg: ExperimentConfig, device: torch.device) -> torch.Tensor:
+    """The node's routing row (mean gate probabilities on its images, before AdaBN); with
+    ``coldstart_top_m`` the model keeps only the row's top-m experts."""
+    row = predict_probs(model.gate_probs, unlabeled, cfg, device).mean(0)
+    m = experts_per_client(cfg)
+    if cfg.coldstart_top_m and m < cfg.num_experts:
+        model.expert_ids = expert_set(row.numpy(), m, cfg.num_experts)
+    return row
+
+
+@dataclass
+class NewClientModel:
+    """A new client's adapted model: the routed pool, its routing row, whether AdaBN ran,
+    and EM's estimate of its label prior (None without EM) against the training prior."""
+
+    model: FedCoEModel
+    row: torch.Tensor
+    adabn: bool
+    prior: torch.Tensor | None
+    train_prior: torch.Tensor
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        probs = self.model.mixture(x)[0]
+        if self.prior is None:
+            return probs
+        return prior_correct(probs.float().cpu(), self.prior, self.train_prior)
+
+
+def adapt_new_client(arrays: Mapping[str, torch.Tensor], unlabeled: torch.Tensor, cfg: ExperimentConfig,
+                     num_classes: int, device: torch.device) -> NewClientModel:
+    """The configured adaptation, in this order: route (top-m), AdaBN, EM prior."""
+    model = pool_model(arrays, cfg, num_classes, device)
+    row = route(model, unlabeled, cfg, device)
+    adabn = bool(cfg.coldstart_adabn) and reestimate_batchnorm(model, unlabeled, cfg, device)
+    train_prior = training_prior(arrays, cfg, num_classes)
+    prior = None
+    if cfg.coldstart_em:
+        prior = em_label_prior(predict_probs(lambda x: model.mixture(x)[0], unlabeled, cfg, device), train_prior)
+    return NewClientModel(model, row, adabn, prior, train_prior)
+
+
+def coldstart_evaluate(arrays: Mapping[str, torch.Tensor], data: ClientData, cfg: ExperimentConfig,
+                       num_classes: int, device: torch.device) -> dict[str, Any]:
+    """A new client's model from the pool, adapted with unlabeled data only (its local
+    train split with labels unused), scored on its local test split: the configured
+    adaptation (``adapt_new_client``) and each adaptation on and off."""
+    unlabeled = data.train_x if len(data.train_x) else data.test_x
+    model = pool_model(arrays, cfg, num_classes, device)
+    row = route(model, unlabeled, cfg, device)
+    uniform = torch.full((num_classes,), 1.0 / num_classes)
+    train_prior = training_prior(arrays, cfg, num_classes)
+
+    def scores(em_priors: dict[str, torch.Tensor | None]) -> dict[str, float]:
+        """Accuracy of the model as it is now, with no EM and with EM from each training prior:
+        the model's predictions are computed once, whatever the number of variants."""
+        test_probs = predict_probs(lambda x: model.mixture(x)[0], data.test_x, cfg, device)
+        pool_probs = predict_probs(lambda x: model.mixture(x)[0], unlabeled, cfg, device)
+        out = {}
+        for name, em_prior in em_priors.items():
+            probs = test_probs if em_prior is None else prior_correct(
+                test_probs, em_label_prior(pool_probs, em_prior), em_prior)
+            out[name] = float((probs.argmax(1) == data.test_y).float().mean())
+        return out
+
+    variants: dict[str, torch.Tensor | None] = {"plain": None, "em": train_prior}
+    if not torch.equal(train_prior, uniform):
+        variants["em_uniform"] = uniform
+    adapted = scores(variants)
+    if reestimate_batchnorm(model, unlabeled, cfg, device):
+        adapted.update(scores({"adabn": None, "adabn_em": train_prior}))
+    out: dict[str, Any] = {"coldstart_accuracy_" + name: acc for name, acc in adapted.items()}
+    configured = adapt_new_client(arrays, unlabeled, cfg, num_classes, device)
+    out["coldstart_accuracy"] = accuracy(configured.predict, data.test_x, data.test_y, cfg, device)
+    out["routing_row"] = [float(v) for v in row]
+    out["num_test"] = int(len(data.test_y))
+    return out

@@ -1,0 +1,58 @@
+"""FedCoE's own config keys (the ``fedcoe`` section), their defaults and checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...config import ExperimentConfig, Section, bad_value, require
+
+LOCAL_PARTS = ("head", "expert_head", "expert", "none")
+GATE_INPUTS = ("image", "trunk")
+COLDSTART_PRIORS = ("predicted", "uniform")
+
+
+@dataclass(frozen=True)
+class FedCoEParams(Section):
+    top_m: int = 0  # experts per client; 0 -> all K (model.num_experts)
+    aux_weight: float = 2.0  # weight of the global mixture's own loss (docs/algorithms/fedcoe.md)
+    prox_mu: float = 0.01  # proximal term on the shared parts, as FedProx
+    local_part: str = "head"
+    shared_trunk: bool = True  # experts share one trunk (averaged like FedAvg) and differ in their heads
+    gate_input: str = "trunk"  # the shared gate over the shared trunk's features or the raw image ("image")
+    gate_width: int = 16
+    gate_temperature: float = 1.0  # softmax temperature of the shared gate (< 1: sharper routing)
+    local_loss_weight: float = 1.0  # cross-entropy of the local part alone, added to the client's loss
+    local_prior_correction: bool = True  # the client's model re-weights the pool by its own label prior
+    global_balanced: bool = True  # the global model divides out the federation's predicted training prior
+    local_gate: bool = True
+    correlation_weighting: bool = True
+    correlation_smoothing: float = 0.5
+    correlation_cap: float = 0.5
+    coldstart_adabn: bool = True
+    coldstart_em: bool = True
+    coldstart_top_m: bool = False
+    coldstart_prior: str = "predicted"  # EM's training prior: "predicted" (clients' mean predictions) | "uniform"
+
+    adaptation_keys = ("coldstart_adabn", "coldstart_em", "coldstart_top_m", "coldstart_prior")
+
+    def check(self, cfg: ExperimentConfig) -> None:
+        require(self, ge0=("top_m", "aux_weight", "prox_mu", "local_loss_weight"), ge1=("gate_width",),
+                gt0=("gate_temperature",),
+                choices={"local_part": LOCAL_PARTS, "gate_input": GATE_INPUTS, "coldstart_prior": COLDSTART_PRIORS})
+        if self.local_part == "expert_head" and not self.shared_trunk:
+            raise bad_value("local_part", self.local_part,
+                            "'expert_head' sits on the shared trunk: set shared_trunk=true (or use 'head')")
+        if self.gate_input == "trunk" and not self.shared_trunk:
+            raise bad_value("gate_input", self.gate_input,
+                            "'trunk' routes on the shared trunk's features: set shared_trunk=true (or use 'image')")
+        if self.top_m > cfg.network.num_experts:
+            raise bad_value("top_m", self.top_m, f"must be <= num_experts ({cfg.network.num_experts}); 0 means all")
+        if not 0 <= self.correlation_smoothing <= 1:
+            raise bad_value("correlation_smoothing", self.correlation_smoothing, "must be in [0, 1]")
+        if not 0 < self.correlation_cap <= 1:
+            raise bad_value("correlation_cap", self.correlation_cap, "must be in (0, 1]")
+
+
+def experts_per_client(cfg: ExperimentConfig) -> int:
+    """m: the size of a client's expert set (all K when top_m is 0)."""
+    return cfg.top_m or cfg.num_experts
