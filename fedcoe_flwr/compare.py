@@ -1,19 +1,29 @@
-"""Run every method on identical partitions and seeds and write the comparison table:
+"""Run every method on identical partitions and seeds and report the comparison:
 
-    python -m fedcoe_flwr.compare --config configs/cifar10_dir0.1_cpu.yaml --seeds 0 1 2
+    python -m fedcoe_flwr.compare --config configs/compare_cifar10_dir0.1.yaml --seeds 0 1 2 \\
+        --methods-file configs/methods/compare.yaml
 
 Each (method, seed) runs in its own process (``python -m fedcoe_flwr.simulate``)
 under ``results/<config>-<method>-s<seed>``; runs whose summary says ``finished``
-are skipped, interrupted ones resume from their last checkpoint. Writes
-``<out>/comparison.md`` (mean and std over seeds of global, personalised and
-cold-start accuracy, bytes per client per round, wall time) and ``<out>/curves.png``.
+are skipped, interrupted ones resume from their last checkpoint. The report:
+
+- ``<out>/comparison.md`` (mean and std over seeds of global, personalised and
+  cold-start accuracy, bytes per client per round, wall time) and ``<out>/curves.png``;
+- ``docs/results/<name>.json``, the same figures for machines: each method's global,
+  personalised and cold-start accuracy at the label-free variant the run reported and
+  unadapted (``raw``), with the config, its hash, rounds and seeds;
+- ``docs/RESULTS.md``, regenerated from every ``docs/results/*.json`` (plus the
+  hand-written ``docs/results/<name>.md`` fragments): never edit it by hand.
+  ``--regenerate-docs`` rebuilds it alone (after editing a fragment); ``--no-docs`` writes
+  neither file.
 
 A method is an algorithm name, or ``label:key=value,key=value`` for a variant, e.g.
-``fedavg_wide:algorithm=fedavg,width_multiplier=2.0`` (capacity-matched FedAvg)."""
+``fedavg_x4:algorithm=fedavg,width_multiplier=1.0`` (capacity-matched FedAvg)."""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
@@ -24,10 +34,9 @@ import numpy as np
 
 from .algorithms import REGISTRY as ALGORITHMS
 from .config import load_config, method_only_keys, saved_config
+from .fileio import atomic_write, read_jsonl
+from .report import KINDS, METRICS, comparison_markdown, method_record, write_results_doc
 from .simulate import parse_overrides
-
-METRICS = (("global_accuracy", "global"), ("personalized_accuracy", "personalised"),
-           ("coldstart_accuracy", "cold-start"))
 
 
 def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
@@ -91,6 +100,13 @@ def refuse_if_stale(summary: dict[str, Any], config: str, overrides: dict[str, A
                          "move that folder aside or give the method another label")
 
 
+def config_hash(config: str, overrides: dict[str, Any]) -> str:
+    """sha256 of the resolved config (YAML with its bases, then ``overrides``), bookkeeping keys
+    left out: two comparisons with the same hash computed on the same settings."""
+    values = {k: v for k, v in load_config(config, overrides).to_dict().items() if k not in BOOKKEEPING_KEYS}
+    return "sha256:" + hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
+
+
 def finished(out: Path) -> dict[str, Any] | None:
     """The summary of a finished run, or None."""
     path = out / "summary.json"
@@ -101,67 +117,13 @@ def finished(out: Path) -> dict[str, Any] | None:
     return None
 
 
-def history(out: Path, name: str = "metrics.jsonl") -> list[dict[str, Any]]:
-    path = out / name
-    return [json.loads(l) for l in path.read_text().splitlines()] if path.is_file() else []
+def default_name(config: str, methods_file: str | None) -> str:
+    """The JSON's name: the config's stem, and the methods file's when one is given, so that
+    rerunning a comparison replaces its own file."""
+    return Path(config).stem + (f"-{Path(methods_file).stem}" if methods_file else "")
 
 
-def seconds_per_round(summary: dict[str, Any]) -> float:
-    """Mean wall time of a training round (sampling to aggregation), from rounds.jsonl:
-    the compute a round costs on this machine, evaluation excluded."""
-    rounds = history(Path(summary["run_dir"]), "rounds.jsonl") if "run_dir" in summary else []
-    times = [r["time_s"] for r in rounds if r.get("time_s") is not None]
-    return float(np.mean(times)) if times else float("nan")
-
-
-def mean_std(values: list[float]) -> str:
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return "n/a"
-    return f"{100 * np.mean(vals):.2f} ± {100 * np.std(vals):.2f}"
-
-
-def table(rows: list[tuple[str, list[dict[str, Any]]]], num_clients: int) -> str:
-    head = ("| method | global acc. % | personalised acc. % | cold-start acc. % | "
-            "MB per client per round (down + up) | p2p MB relayed per client per round | s per round | "
-            "wall time s | seeds | global from |")
-    lines = [head, "|" + "---|" * 10]
-    for label, summaries in rows:
-        finals = [s.get("final", {}) for s in summaries]
-        rounds = [max(1, s.get("rounds_completed", 1)) for s in summaries]
-        comm = [s.get("communication", {}) for s in summaries]
-        per_round = [(c.get("bytes_down", 0) + c.get("bytes_up", 0)) / r / num_clients / 1e6
-                     for c, r in zip(comm, rounds)]
-        p2p = [c.get("bytes_p2p_relayed", 0) / r / num_clients / 1e6 for c, r in zip(comm, rounds)]
-        wall = [s.get("wall_time_s", 0) for s in summaries]
-        per_round_s = [seconds_per_round(s) for s in summaries]
-        source = finals[0].get("global_accuracy_source", "") if finals else ""
-        cells = [mean_std([f.get(k) for f in finals]) for k, _ in METRICS]
-        lines.append(f"| {label} | " + " | ".join(cells) +
-                     f" | {np.mean(per_round):.3f} | {np.mean(p2p):.3f} | {np.mean(per_round_s):.1f} | "
-                     f"{np.mean(wall):.0f} | {len(summaries)} | {source} |")
-    return "\n".join(lines)
-
-
-VARIANT_PREFIXES = ("global_accuracy_", "coldstart_accuracy_")
-
-
-def variants_table(rows: list[tuple[str, list[dict[str, Any]]]]) -> str:
-    """Every variant a run reported besides its configured one, from the same run and model:
-    the other global model (raw / balanced) and each cold-start adaptation on and off."""
-    keys = sorted({k for _, summaries in rows for s in summaries for k, v in s.get("final", {}).items()
-                   if k.startswith(VARIANT_PREFIXES) and isinstance(v, (int, float))})
-    if not keys:
-        return ""
-    lines = ["| method | " + " | ".join(k.replace("_accuracy_", " ") for k in keys) + " |",
-             "|" + "---|" * (len(keys) + 1)]
-    for label, summaries in rows:
-        finals = [s.get("final", {}) for s in summaries]
-        if any(k in f for f in finals for k in keys):
-            lines.append(f"| {label} | " + " | ".join(mean_std([f.get(k) for f in finals]) for k in keys) + " |")
-    return "\n".join(lines)
-
-
+# ------------------------------------------------------------ the command
 def methods_from_file(path: str) -> list[str]:
     """A YAML file with ``methods:`` (a list of method specs, as for --methods)."""
     import yaml
@@ -181,7 +143,8 @@ def plot(curves: dict[str, list[list[dict[str, Any]]]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for ax, (key, title) in zip(axes, METRICS):
+    for ax, metric in zip(axes, METRICS):
+        key = metric.key
         for label, runs in curves.items():
             rounds = sorted({h["round"] for run in runs for h in run if h.get(key) is not None})
             if not rounds:
@@ -189,7 +152,7 @@ def plot(curves: dict[str, list[list[dict[str, Any]]]], path: Path) -> None:
             means = [np.mean([h[key] for run in runs for h in run if h["round"] == r and h.get(key) is not None])
                      for r in rounds]
             ax.plot(rounds, means, marker="o", label=label)
-        ax.set_title(f"{title} accuracy (mean over seeds)")
+        ax.set_title(f"{metric.title} accuracy (mean over seeds)")
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
     axes[0].legend()
@@ -197,9 +160,22 @@ def plot(curves: dict[str, list[list[dict[str, Any]]]], path: Path) -> None:
     plt.close(fig)
 
 
+def command_line(args: argparse.Namespace) -> str:
+    """The command that reproduces this report."""
+    parts = ["python -m fedcoe_flwr.compare", f"--config {args.config}", "--seeds " + " ".join(map(str, args.seeds))]
+    parts.append(f"--methods-file {args.methods_file}" if args.methods_file else "--methods " + " ".join(args.methods))
+    if args.set:
+        parts.append("--set " + " ".join(args.set))
+    if args.name:
+        parts.append(f"--name {args.name}")
+    if args.kind != "comparison":
+        parts.append(f"--kind {args.kind}")
+    return " ".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True)
+    parser.add_argument("--config", help="the experiment YAML every method runs (required unless --regenerate-docs)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=["fedcoe", "fedavg", "fedprox", "fedper", "pfedmoe",
                                                           "fedmoe_da", "local"])
@@ -208,21 +184,38 @@ def main(argv: list[str] | None = None) -> int:
                              "replaces --methods")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
     parser.add_argument("--results-dir", default="results")
-    parser.add_argument("--out", default=None, help="where the table and plot go (default results/compare-<config>)")
+    parser.add_argument("--out", default=None, help="where the table and plot go (default <results-dir>/compare-<name>)")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: the table and plot from the runs already finished")
+    parser.add_argument("--name", default=None,
+                        help="the report's name: docs/results/<name>.json (default <config stem>[-<methods file stem>])")
+    parser.add_argument("--kind", default="comparison", choices=list(KINDS),
+                        help="the group of docs/RESULTS.md the report goes in")
+    parser.add_argument("--title", default=None, help="its heading in docs/RESULTS.md (default: the name)")
+    parser.add_argument("--docs-dir", default="docs/results", help="where <name>.json and the fragments live")
+    parser.add_argument("--results-doc", default="docs/RESULTS.md", help="the file regenerated from --docs-dir")
+    parser.add_argument("--no-docs", action="store_true", help="write neither <name>.json nor the results doc")
+    parser.add_argument("--regenerate-docs", action="store_true",
+                        help="run and report nothing: only rebuild --results-doc from --docs-dir")
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, parse_overrides(args.set))  # fail fast on a bad config
+    docs_dir, results_doc = Path(args.docs_dir), Path(args.results_doc)
+    if args.regenerate_docs:
+        print(f"[compare] wrote {write_results_doc(docs_dir, results_doc)}")
+        return 0
+    if not args.config:
+        parser.error("--config is required (or --regenerate-docs)")
+    common = parse_overrides(args.set)
+    cfg = load_config(args.config, common)  # fail fast on a bad config
     results_dir = Path(args.results_dir).resolve()
     stem = Path(args.config).stem
-    out = Path(args.out or results_dir / f"compare-{stem}")
+    name = args.name or default_name(args.config, args.methods_file)
+    out = Path(args.out or results_dir / f"compare-{name}")
     out.mkdir(parents=True, exist_ok=True)
     if args.methods_file:
         args.methods = methods_from_file(args.methods_file)
-    methods = [parse_method(m) for m in args.methods]
-    common = parse_overrides(args.set)
-    rows, curves = [], {}
-    for label, overrides in methods:
+    methods = [(spec, *parse_method(spec)) for spec in args.methods]
+    records, curves = {}, {}
+    for spec, label, overrides in methods:
         if args.report_only:
             summaries = [s for s in (finished(run_dir(results_dir, stem, label, seed)) for seed in args.seeds) if s]
             for summary in summaries:  # a missing seed drops out, so each summary names its own
@@ -232,22 +225,24 @@ def main(argv: list[str] | None = None) -> int:
         else:
             summaries = [run_one(args.config, label, {**common, **overrides}, seed, results_dir, [])
                          for seed in args.seeds]
-        rows.append((label, summaries))
-        curves[label] = [history(Path(s["run_dir"])) for s in summaries]
+        records[label] = {"spec": spec, **method_record(summaries, cfg.num_clients)}
+        curves[label] = [read_jsonl(Path(s["run_dir"]) / "metrics.jsonl") for s in summaries]
+    doc = {"name": name, "kind": args.kind,
+           "title": args.title or "", "config": args.config, "config_hash": config_hash(args.config, common),
+           "overrides": args.set, "methods_file": args.methods_file, "rounds": cfg.num_rounds,
+           "seeds": args.seeds, "command": command_line(args),
+           "source": f"measured: the finished runs under {args.results_dir}/{stem}-<method>-s<seed>",
+           "methods": records}
     text = (f"Config `{args.config}`{' with ' + ' '.join(args.set) if args.set else ''}, seeds "
             f"{' '.join(map(str, args.seeds))}; final evaluation, mean ± std over seeds.\n"
-            f"Command: `python -m fedcoe_flwr.compare --config {args.config} --seeds "
-            f"{' '.join(map(str, args.seeds))} "
-            f"{'--methods-file ' + args.methods_file if args.methods_file else '--methods ' + ' '.join(args.methods)}"
-            f"{' --set ' + ' '.join(args.set) if args.set else ''}`\n\n" + table(rows, cfg.num_clients) + "\n")
-    variants = variants_table(rows)
-    if variants:
-        text += ("\nVariants measured in the same runs (the other global model; each cold-start adaptation on "
-                 "and off), % mean ± std over seeds:\n\n" + variants + "\n")
-    (out / "comparison.md").write_text(text)
+            f"Command: `{doc['command']}`\n\n" + comparison_markdown(doc))
+    atomic_write(out / "comparison.md", text)
     plot(curves, out / "curves.png")
     print(text)
     print(f"[compare] wrote {out / 'comparison.md'} and {out / 'curves.png'}")
+    if not args.no_docs and records:
+        path = atomic_write(docs_dir / f"{doc['name']}.json", json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+        print(f"[compare] wrote {path} and {write_results_doc(docs_dir, results_doc)}")
     return 0
 
 

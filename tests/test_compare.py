@@ -1,17 +1,20 @@
-"""The comparison runner: method specs, the tables it writes, and one real (tiny) run."""
+"""The comparison runner: method specs, the records and tables it reports, docs/results/<name>.json
+and the regenerated docs/RESULTS.md, and one real (tiny) run."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from fedcoe_flwr.compare import (methods_from_file, parse_method, refuse_if_stale, seconds_per_round, stale_keys,
-                                 table, variants_table)
+from fedcoe_flwr.compare import config_hash, main, methods_from_file, parse_method, refuse_if_stale, stale_keys
 from fedcoe_flwr.config import load_config
+from fedcoe_flwr.report import (label_free_variant, method_record, seconds_per_round, table, variants_table,
+                                write_results_doc)
 
 
 def fake_run(tmp_path: Path, name: str, final: dict, round_times: list[float], bytes_down=4e6, bytes_up=2e6):
@@ -38,7 +41,7 @@ def test_table_mean_std_bytes_and_seconds_per_round(tmp_path):
             fake_run(tmp_path, "a1", {"global_accuracy": 0.5, "personalized_accuracy": 0.8,
                                       "coldstart_accuracy": 0.3}, [3.0, 3.0])]
     assert seconds_per_round(runs[0]) == pytest.approx(3.0)
-    text = table([("m", runs)], num_clients=2)
+    text = table({"m": method_record(runs, num_clients=2)})
     row = text.splitlines()[2]
     cells = [c.strip() for c in row.strip("|").split("|")]
     # mean ± population std over seeds, bytes per client per round: (4 + 2) MB / 2 rounds / 2 clients
@@ -50,10 +53,29 @@ def test_variants_table_lists_every_variant(tmp_path):
     runs = [fake_run(tmp_path, "c0", {"coldstart_accuracy_plain": 0.2, "coldstart_accuracy_em": 0.4,
                                       "global_accuracy_raw": 0.5, "global_accuracy_source": "global model"}, [1.0])]
     other = [fake_run(tmp_path, "f0", {"coldstart_accuracy": 0.3}, [1.0])]
-    text = variants_table([("fedcoe", runs), ("fedavg", other)])
+    records = {"fedcoe": method_record(runs, 1), "fedavg": method_record(other, 1)}
+    text = variants_table(records)
     assert text.splitlines()[0] == "| method | coldstart em | coldstart plain | global raw |"
     assert "| fedcoe | 40.00 ± 0.00 | 20.00 ± 0.00 | 50.00 ± 0.00 |" in text and "fedavg" not in text
-    assert variants_table([("fedavg", other)]) == ""
+    assert variants_table({"fedavg": records["fedavg"]}) == ""
+
+
+def test_label_free_variant_read_from_the_metrics_keys():
+    # the balanced global model, with the raw one beside it
+    assert label_free_variant({"global_accuracy": 0.5, "global_accuracy_raw": 0.4}, "global_accuracy") == \
+        ("balanced", 0.4)
+    # the raw global model configured, the balanced one measured beside it
+    assert label_free_variant({"global_accuracy": 0.4, "global_accuracy_balanced": 0.5}, "global_accuracy") == \
+        ("none", 0.4)
+    # the configured cold-start adaptation is the variant equal to it; a tie goes to EM with the predicted prior
+    cold = {"coldstart_accuracy": 0.6, "coldstart_accuracy_em": 0.6, "coldstart_accuracy_em_uniform": 0.6,
+            "coldstart_accuracy_plain": 0.3}
+    assert label_free_variant(cold, "coldstart_accuracy") == ("em", 0.3)
+    assert label_free_variant({**cold, "coldstart_accuracy": 0.3}, "coldstart_accuracy") == ("none", 0.3)
+    # personalised summary statistics are not variants; a method with none is unadapted
+    assert label_free_variant({"personalized_accuracy": 0.7, "personalized_accuracy_p10": 0.5},
+                              "personalized_accuracy") == ("none", 0.7)
+    assert label_free_variant({"coldstart_accuracy": 0.2}, "coldstart_accuracy") == ("none", 0.2)
 
 
 def test_a_run_finished_under_other_defaults_is_not_reused(tmp_path):
@@ -90,10 +112,116 @@ def test_methods_file(tmp_path):
             load_config("configs/compare_cifar10_dir0.1.yaml", overrides)
 
 
+COMPARE_CONFIG = "configs/compare_cifar10_dir0.1.yaml"
+WIDE = "fedcoe_wide:algorithm=fedcoe,width_multiplier=1.0,cnn_hidden=128"
+
+
+def finished_run(results: Path, spec: str, seed: int, final: dict) -> None:
+    """A run as the simulation leaves it: summary.json (status finished, its config), metrics.jsonl
+    (one line per evaluation, the last equal to the summary's final), rounds.jsonl."""
+    label, overrides = parse_method(spec)
+    final = dict(final)
+    final["global_accuracy_source"] = final.pop("source")
+    run = results / f"{Path(COMPARE_CONFIG).stem}-{label}-s{seed}"
+    run.mkdir(parents=True)
+    config = load_config(COMPARE_CONFIG, {**overrides, "seed": seed}).to_dict()
+    first = {k: v / 2 for k, v in final.items() if k.endswith("accuracy")}  # an earlier evaluation
+    (run / "metrics.jsonl").write_text(json.dumps({"round": 10, **first}) + "\n"
+                                       + json.dumps({"round": 20, **final}) + "\n")
+    (run / "rounds.jsonl").write_text("".join(json.dumps({"round": r, "time_s": 2.0}) + "\n" for r in range(1, 21)))
+    (run / "summary.json").write_text(json.dumps({
+        "status": "finished", "seed": seed, "algorithm": config["algorithm"], "config": config,
+        "final": {**final, "round": 20},
+        "rounds_completed": 20, "wall_time_s": 300.0,
+        "communication": {"bytes_down": 20 * 20 * 3e6, "bytes_up": 20 * 20 * 1e6, "bytes_p2p_relayed": 0}}))
+
+
+def test_report_writes_the_json_and_regenerates_results_md(tmp_path):
+    results, docs = tmp_path / "results", tmp_path / "docs" / "results"
+    for seed, (g, raw, mi) in enumerate([(0.44, 0.42, 0.3), (0.46, 0.43, 0.5)]):
+        finished_run(results, WIDE, seed, {
+            "global_accuracy": g, "global_accuracy_raw": raw, "personalized_accuracy": 0.8,
+            "personalized_accuracy_mean": 0.7, "personalized_accuracy_p10": 0.5, "coldstart_accuracy": 0.6,
+            "coldstart_accuracy_em": 0.6, "coldstart_accuracy_em_uniform": 0.35, "coldstart_accuracy_plain": 0.3,
+            "expert_class_mi_bits": mi, "source": "global model"})
+        finished_run(results, "fedavg", seed, {"global_accuracy": 0.41, "personalized_accuracy": 0.45 + 0.01 * seed,
+                                               "coldstart_accuracy": 0.29, "source": "global model"})
+    docs.mkdir(parents=True)
+    (docs / "_intro.md").write_text("What these tables are.\n")
+    (docs / "compare_cifar10_dir0.1.md").write_text("Reading the comparison.\n")
+    (docs / "older_notes.md").write_text("### Notes without a JSON\n\nKept verbatim.\n")
+    doc_path = tmp_path / "docs" / "RESULTS.md"
+    args = ["--config", COMPARE_CONFIG, "--seeds", "0", "1", "2", "--methods", WIDE, "fedavg", "pfedmoe",
+            "--results-dir", str(results), "--report-only", "--docs-dir", str(docs), "--results-doc", str(doc_path)]
+    assert main(args) == 0
+
+    doc = json.loads((docs / "compare_cifar10_dir0.1.json").read_text())
+    assert doc["config"] == COMPARE_CONFIG and doc["config_hash"] == config_hash(COMPARE_CONFIG, {})
+    assert doc["config_hash"].startswith("sha256:") and doc["rounds"] == 20 and doc["seeds"] == [0, 1, 2]
+    assert list(doc["methods"]) == ["fedcoe_wide", "fedavg"]  # pfedmoe never ran: left out
+    wide, fedavg = doc["methods"]["fedcoe_wide"], doc["methods"]["fedavg"]
+    assert wide["seeds"] == [0, 1] and wide["spec"] == WIDE
+    assert wide["global"] == {"mean": pytest.approx(45.0), "std": pytest.approx(1.0), "variant": "balanced"}
+    assert wide["personalised"] == {"mean": pytest.approx(80.0), "std": 0.0, "variant": "none"}
+    assert wide["coldstart"] == {"mean": pytest.approx(60.0), "std": 0.0, "variant": "em"}
+    assert wide["raw"] == {"global": {"mean": pytest.approx(42.5), "std": pytest.approx(0.5), "variant": "none"},
+                           "personalised": {"mean": pytest.approx(80.0), "std": 0.0, "variant": "none"},
+                           "coldstart": {"mean": pytest.approx(30.0), "std": 0.0, "variant": "none"}}
+    assert wide["expert_class_mi_bits"] == {"mean": pytest.approx(0.4), "std": pytest.approx(0.1)}
+    assert fedavg["global"]["variant"] == "none" and fedavg["raw"]["global"]["mean"] == pytest.approx(41.0)
+    assert fedavg["personalised"] == {"mean": pytest.approx(45.5), "std": pytest.approx(0.5), "variant": "none"}
+    assert "expert_class_mi_bits" not in fedavg
+    # (3 + 1) MB per round over 20 clients; 2 s per training round
+    assert fedavg["mb_per_client_per_round"] == pytest.approx(4.0) and fedavg["s_per_round"] == 2.0
+
+    text = doc_path.read_text()
+    lines = text.splitlines()
+    assert lines[0] == "# Results" and "do not edit this file" in lines[2]
+    order = [text.index(s) for s in ("What these tables are.", "## Comparisons", "### compare_cifar10_dir0.1",
+                                     "python -m fedcoe_flwr.compare --config " + COMPARE_CONFIG,
+                                     "| fedcoe_wide | 45.00 ± 1.00 | 80.00 ± 0.00 | 60.00 ± 0.00 | 4.000 |",
+                                     "| fedcoe_wide | 60.00 ± 0.00 | 35.00 ± 0.00 | 30.00 ± 0.00 | 42.50 ± 0.50 |",
+                                     "Reading the comparison.", "## Other measurements", "### Notes without a JSON")]
+    assert order == sorted(order)
+    assert "| fedavg | 41.00 ± 0.00 | 45.50 ± 0.50 | 29.00 ± 0.00 |" in text
+    assert "(fedcoe_wide: global balanced, cold-start em; every other cell unadapted)" in text
+
+    # the file is regenerated, never edited: a hand edit does not survive, and the same inputs give the same file
+    doc_path.write_text(text.replace("45.00 ± 1.00", "99.00 ± 0.00"))
+    assert main(["--regenerate-docs", "--docs-dir", str(docs), "--results-doc", str(doc_path)]) == 0
+    assert doc_path.read_text() == text
+    # a second comparison of another kind gets its own section in its group, after the comparisons
+    (docs / "explore.json").write_text(json.dumps({**doc, "kind": "exploration", "title": "How we explored"}))
+    main(["--regenerate-docs", "--docs-dir", str(docs), "--results-doc", str(doc_path)])
+    text = doc_path.read_text()
+    assert text.index("## Comparisons") < text.index("## Explorations") < text.index("### How we explored")
+    (docs / "bad.json").write_text(json.dumps({"kind": "guess", "methods": {}}))
+    with pytest.raises(SystemExit, match=r"bad.json: unknown kind 'guess'"):
+        main(["--regenerate-docs", "--docs-dir", str(docs), "--results-doc", str(doc_path)])
+
+
+def test_committed_results_md_is_what_the_generator_makes(tmp_path):
+    """docs/RESULTS.md is regenerated, never hand-edited: the committed file equals the generator's
+    output for the committed docs/results/ (after editing a fragment: --regenerate-docs)."""
+    repo_docs = Path(__file__).resolve().parents[1] / "docs"
+    shutil.copytree(repo_docs / "results", tmp_path / "results")
+    write_results_doc(tmp_path / "results", tmp_path / "RESULTS.md")
+    assert (tmp_path / "RESULTS.md").read_text() == (repo_docs / "RESULTS.md").read_text(), \
+        "docs/RESULTS.md is out of date: run python -m fedcoe_flwr.compare --regenerate-docs"
+    for path in (repo_docs / "results").glob("*.json"):  # every committed file has the schema's fields
+        doc = json.loads(path.read_text())
+        assert {"config", "config_hash", "rounds", "seeds", "methods", "source", "command"} <= set(doc), path.name
+        for label, m in doc["methods"].items():
+            for metric in ("global", "personalised", "coldstart"):
+                assert set(m[metric]) == {"mean", "std", "variant"} and set(m["raw"][metric]) >= {"mean", "std"}, \
+                    (path.name, label, metric)
+
+
 @pytest.mark.slow
 def test_compare_runs_skips_and_writes_the_table(tmp_path):
     cmd = [sys.executable, "-m", "fedcoe_flwr.compare", "--config", "configs/smoke.yaml", "--seeds", "0",
-           "--methods", "fedavg", "--set", "num_rounds=1", "--results-dir", str(tmp_path)]
+           "--methods", "fedavg", "--set", "num_rounds=1", "--results-dir", str(tmp_path),
+           "--docs-dir", str(tmp_path / "docs"), "--results-doc", str(tmp_path / "RESULTS.md")]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     summary = json.loads((tmp_path / "smoke-fedavg-s0" / "summary.json").read_text())
@@ -101,6 +229,9 @@ def test_compare_runs_skips_and_writes_the_table(tmp_path):
     md = (tmp_path / "compare-smoke" / "comparison.md").read_text()
     acc = 100 * summary["final"]["global_accuracy"]
     assert f"| fedavg | {acc:.2f} ± 0.00 |" in md
+    doc = json.loads((tmp_path / "docs" / "smoke.json").read_text())
+    assert doc["methods"]["fedavg"]["global"]["mean"] == pytest.approx(acc, abs=1e-3)
+    assert f"| fedavg | {acc:.2f} ± 0.00 |" in (tmp_path / "RESULTS.md").read_text()
     assert (tmp_path / "compare-smoke" / "curves.png").is_file()
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "finished earlier, skipped" in again.stdout
