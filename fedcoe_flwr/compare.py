@@ -177,8 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="the experiment YAML every method runs (required unless --regenerate-docs)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=["fedcoe", "fedavg", "fedprox", "fedper", "pfedmoe",
-                                                          "fedmoe_da", "local"])
+    parser.add_argument("--methods", nargs="+", default=list(ALGORITHMS))
     parser.add_argument("--methods-file", default=None,
                         help="YAML with 'methods:', a list of specs (e.g. configs/methods/ablation_fedcoe.yaml); "
                              "replaces --methods")

@@ -2,10 +2,10 @@
 ``--run-config`` and validated once before any training starts.
 
 YAML files and ``--run-config`` use flat keys (``lr: 0.05``); every key belongs to
-exactly one generic section (run, storage, data, model, training, onboarding) or to the
-parameter sections of the methods that read it (``cfg.methods["fedcoe"].aux_weight``;
-each method declares its ``Params`` in its own module under ``algorithms/``). Keys are
-unique across the generic sections, so a flat read ``cfg.lr`` is the same as
+exactly one generic section (run, storage, data, model -- the attribute ``network`` --,
+training, onboarding) or to the parameter sections of the methods that read it
+(``cfg.methods[name]``; the running method's is ``cfg.params``; each method declares its
+``Params`` in its own module under ``algorithms/``). Keys are unique across the generic sections, so a flat read ``cfg.lr`` is the same as
 ``cfg.training.lr``. Every key list (all keys, those that define a checkpoint, those a
 method ignores) is derived from the sections."""
 
@@ -78,7 +78,7 @@ def require(section: Any, ge0: tuple[str, ...] = (), ge1: tuple[str, ...] = (), 
 class RunSection(Section):
     run_name: str = ""  # "" -> "<config stem>-<algorithm>-s<seed>"
     seed: int = 0
-    algorithm: str = "fedcoe"
+    algorithm: str = algorithms.DEFAULT
     num_rounds: int = 30
     eval_every: int = 5  # 0: never evaluate (training-only runs, e.g. benchmarks)
     fraction_train: float = 1.0  # share of training clients sampled each round

@@ -25,6 +25,9 @@ REGISTRY = {
 }
 
 
+DEFAULT = next(iter(REGISTRY))  # the method a config without ``algorithm`` runs
+
+
 def algorithm_class(name: str) -> type["Algorithm"]:
     if name not in REGISTRY:
         raise ValueError(f"unknown algorithm '{name}'; choose one of {', '.join(REGISTRY)}")
