@@ -18,7 +18,7 @@ from fedcoe_flwr.client import handlers as client
 from fedcoe_flwr.algorithms.training import weighted_average
 from fedcoe_flwr.config import ConfigError, ExperimentConfig, from_dict, load_config
 from fedcoe_flwr.records import ARRAYS, METRICS, metric_record, to_array_record
-from fedcoe_flwr.server.callbacks.checkpoint import load_checkpoint
+from fedcoe_flwr.server.callbacks.checkpoint import CheckpointError, load_checkpoint
 from fedcoe_flwr.server.loop import RoundLoop
 from fedcoe_flwr.server.nodes import FederationError
 
@@ -122,6 +122,47 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
     payload = strategy.checkpoint_payload()
     with pytest.raises(FederationError, match="num_experts"):
         make_strategy(cfg.replace(num_experts=4, resume=True)).restore(payload)
+
+
+@pytest.mark.parametrize("key,value", [("train_subset", 120), ("test_fraction", 0.3), ("min_partition_size", 2),
+                                       ("classes_per_client", 3), ("aux_weight", 1.0)])
+def test_resume_refuses_other_partitions_or_method_parameters(tmp_path, key, value):
+    """The data section and the method's parameters are compared whole: another partition
+    would silently train other clients' data."""
+    cfg = tiny_cfg(tmp_path, algorithm="fedcoe")
+    payload = make_strategy(cfg).checkpoint_payload()
+    with pytest.raises(FederationError, match=f"{key}="):
+        make_strategy(cfg.replace(resume=True, **{key: value})).restore(payload)
+
+
+def test_resume_with_no_checkpoint_names_the_runs_that_have_one(tmp_path):
+    cfg = tiny_cfg(tmp_path, algorithm="fedavg")
+    strategy = make_strategy(cfg)
+    strategy.checkpoints.save(strategy.checkpoint_payload(), 1)
+    other = make_strategy(cfg.replace(run_name="typo", resume=True))
+    with pytest.raises(CheckpointError, match="typo.*has no checkpoint.*rel"):
+        other.resume_point()
+
+
+def test_resume_skips_a_corrupt_checkpoint_and_names_it(tmp_path):
+    cfg = tiny_cfg(tmp_path, algorithm="fedavg")
+    strategy = make_strategy(cfg)
+    strategy.round = 1
+    strategy.checkpoints.save(strategy.checkpoint_payload(), 1)
+    strategy.round = 2
+    bad = strategy.checkpoints.save(strategy.checkpoint_payload(), 2)
+    bad.write_bytes(bad.read_bytes()[:100])  # truncated
+    resumed = make_strategy(cfg.replace(resume=True))
+    resumed.resume_point()
+    assert resumed.round == 1
+    with pytest.raises(CheckpointError, match="round-00002.pt"):
+        load_checkpoint(bad)
+
+
+@pytest.mark.parametrize("name", [".", "..", "../x", "/abs/path", "a/b"])
+def test_run_name_must_be_a_plain_name(tmp_path, name):
+    with pytest.raises(ConfigError, match="run_name"):
+        tiny_cfg(tmp_path, run_name=name)
 
 
 
