@@ -1,4 +1,4 @@
-"""Onboarding cold-start sites (issue 5): the ClientApp's onboarding handler, the package and
+"""Onboarding cold-start sites: the ClientApp's onboarding handler, the package and
 the saved model, the privacy check on replies, the Strategy's detection of nodes that join a
 running federation, the serving mode, and real SuperLink/SuperNode processes over TLS.
 Select with ``pytest -k onboard``."""

@@ -12,8 +12,8 @@ from ..config import ExperimentConfig
 from ..data import ClientData
 from ..models import build_expert
 from .base import Algorithm, ClientStep, Predictor, Reply, ServerState
-from .training import (Arrays, load_module, prefixed, proximal_term, run_local_epochs, seeded_init, state_of,
-                       unprefixed, weighted_average)
+from .training import (Arrays, load_module, prefixed, proximal_term, run_local_epochs, seeded_init,
+                       softmax_predictor, state_of, unprefixed, weighted_average)
 
 PREFIX = "model."
 
@@ -36,10 +36,6 @@ def local_update(model: torch.nn.Module, data: ClientData, cfg: ExperimentConfig
 
     return run_local_epochs(list(model.parameters()), [model], data, cfg, device, seed, loss_fn)
 
-
-def softmax_predictor(model: torch.nn.Module):
-    model.eval()
-    return lambda x: F.softmax(model(x), dim=1)
 
 
 class FedAvg(Algorithm):

@@ -1,4 +1,4 @@
-"""FedMoE-DA (Zhan et al.; ../shared/papers/fedmoe-da.txt, Algorithm 1, Eqs. 5-11).
+"""FedMoE-DA (Zhan et al., Algorithm 1, Eqs. 5-11), as docs/algorithms/fedmoe_da.md describes it.
 
 Model (Sec. III-B, V-A): the SmallCNN split into an embedding network Theta (the first
 conv layer with its ReLU and max-pool), a gate Pi in R^{n x K} on the flattened embedding
@@ -58,7 +58,6 @@ Our choices where the paper is silent:
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -70,7 +69,7 @@ from torch import nn
 from ..config import ExperimentConfig, require
 from ..models import small_cnn
 from .base import Algorithm, ClientStep, Predictor, Reply, ServerState
-from .training import Arrays, prefixed, run_local_epochs, seeded_init, state_of, unprefixed, weighted_average
+from .training import Arrays, common_seed, expert_prefix, prefixed, run_local_epochs, seeded_init, state_of, unprefixed, weighted_average
 from .fedper import SmallCNNParams
 
 EMBEDDING = "embedding."
@@ -80,9 +79,6 @@ UPLOAD = "relay.up."
 STORE = "store."
 SIMILARITY_BLOCK = 1024  # rows of the similarity matrix computed at once (server memory)
 
-
-def expert_prefix(k: int) -> str:
-    return f"expert.{k}."
 
 
 def upload_prefix(k: int) -> str:
@@ -127,9 +123,6 @@ def embedding_dim(cfg: ExperimentConfig) -> int:
     side = (cfg.image_size - 4) // 2
     return int(32 * cfg.width_multiplier) * side * side
 
-
-def common_seed(cfg: ExperimentConfig, part: str) -> int:
-    return zlib.crc32(f"fedmoe_da/{cfg.seed}/{part}".encode())
 
 
 def expert_shapes(cfg: ExperimentConfig, num_classes: int) -> dict[str, tuple[int, ...]]:
@@ -187,9 +180,9 @@ class FedMoEDAModel(nn.Module):
 
 def initial_model(cfg: ExperimentConfig, num_classes: int) -> FedMoEDAModel:
     """The seeded initial model every client starts from; expert k has its own seed."""
-    model = seeded_init(lambda: FedMoEDAModel(cfg, num_classes), common_seed(cfg, "model"))
+    model = seeded_init(lambda: FedMoEDAModel(cfg, num_classes), common_seed("fedmoe_da", cfg.seed, "model"))
     for k in range(cfg.num_experts):
-        expert = seeded_init(lambda: Expert(cfg, num_classes), common_seed(cfg, f"expert/{k}"))
+        expert = seeded_init(lambda: Expert(cfg, num_classes), common_seed("fedmoe_da", cfg.seed, f"expert/{k}"))
         model.experts[k].load_state_dict(expert.state_dict())
     return model
 

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from ..config import ExperimentConfig, Section, bad_value
 from ..models import SmallCNN, small_cnn
 from .base import Algorithm, ClientStep, Predictor, Reply, ServerState
-from .training import Arrays, prefixed, run_local_epochs, seeded_init, state_of, unprefixed, weighted_average
+from .training import (Arrays, prefixed, run_local_epochs, seeded_init, softmax_predictor, state_of, unprefixed,
+                       weighted_average)
 
 BODY = "body."
 HEAD = "head."
@@ -79,10 +80,6 @@ def build_client_model(cfg: ExperimentConfig, num_classes: int, body: Mapping[st
     model.load_state_dict({**dict(body), **dict(head)}, strict=True)
     return model.to(device)
 
-
-def softmax_predictor(model: torch.nn.Module):
-    model.eval()
-    return lambda x: F.softmax(model(x), dim=1)
 
 
 class FedPer(Algorithm):

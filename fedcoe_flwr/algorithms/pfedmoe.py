@@ -1,4 +1,4 @@
-"""pFedMoE (Yi et al. 2024, arXiv 2402.01350; ../shared/papers/pfedmoe-notes.txt).
+"""pFedMoE (Yi et al. 2024, arXiv 2402.01350), as docs/algorithms/pfedmoe.md describes it.
 
 Each client runs a local mixture of two feature extractors:
 - the *global expert*: a shared small homogeneous feature extractor, uploaded after
@@ -47,7 +47,6 @@ Our choices where the paper (or its summary) is silent:
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -57,7 +56,7 @@ from torch import nn
 
 from ..config import ExperimentConfig, bad_value
 from .base import Algorithm, ClientStep, Predictor, Reply, ServerState
-from .training import Arrays, prefixed, run_local_epochs, seeded_init, state_of, unprefixed, weighted_average
+from .training import Arrays, common_seed, prefixed, run_local_epochs, seeded_init, state_of, unprefixed, weighted_average
 from .fedper import SmallCNNParams
 
 GLOBAL = "global."
@@ -165,9 +164,6 @@ def width_of_client(cfg: ExperimentConfig, client_index: int) -> float:
     return widths[client_index % len(widths)] if client_index >= 0 else widths[0]
 
 
-def common_seed(cfg: ExperimentConfig, part: str) -> int:
-    return zlib.crc32(f"pfedmoe/{cfg.seed}/{part}".encode())
-
 
 def build_global_extractor(cfg: ExperimentConfig) -> ConvExtractor:
     c1, c2 = global_channels(cfg)
@@ -181,10 +177,10 @@ def build_local_extractor(cfg: ExperimentConfig, c1: int, c2: int) -> ConvExtrac
 def initial_private(cfg: ExperimentConfig, num_classes: int, width: float) -> Arrays:
     """Seeded common initial local parts for a client of the given width."""
     c1, c2 = width_channels(width)
-    local = seeded_init(lambda: build_local_extractor(cfg, c1, c2), common_seed(cfg, f"local/{c1}/{c2}"))
-    gate = seeded_init(lambda: LocalGate(3 * cfg.image_size ** 2), common_seed(cfg, "gate"))
+    local = seeded_init(lambda: build_local_extractor(cfg, c1, c2), common_seed("pfedmoe", cfg.seed, f"local/{c1}/{c2}"))
+    gate = seeded_init(lambda: LocalGate(3 * cfg.image_size ** 2), common_seed("pfedmoe", cfg.seed, "gate"))
     head = seeded_init(lambda: Head(representation_dim(cfg), int(512 * cfg.width_multiplier), num_classes),
-                       common_seed(cfg, "head"))
+                       common_seed("pfedmoe", cfg.seed, "head"))
     return {**prefixed(LOCAL, state_of(local)), **prefixed(GATE, state_of(gate)), **prefixed(HEAD, state_of(head))}
 
 
@@ -283,7 +279,7 @@ class PFedMoE(Algorithm):
 
     # ---- server side
     def init_state(self, cfg: ExperimentConfig, num_classes: int) -> ServerState:
-        extractor = seeded_init(lambda: build_global_extractor(cfg), common_seed(cfg, "global"))
+        extractor = seeded_init(lambda: build_global_extractor(cfg), common_seed("pfedmoe", cfg.seed, "global"))
         return ServerState(prefixed(GLOBAL, state_of(extractor)))
 
     def _payload(self, state: ServerState, cfg: ExperimentConfig, client_index: int):

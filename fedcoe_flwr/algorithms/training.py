@@ -3,6 +3,7 @@ local SGD loop and prediction/accuracy helpers."""
 
 from __future__ import annotations
 
+import zlib
 from typing import Callable, Iterable, Mapping
 
 import torch
@@ -13,7 +14,24 @@ from ..config import ExperimentConfig
 from ..data import ClientData, batches
 
 Arrays = dict[str, torch.Tensor]
-BN_BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+BN_STATISTICS = ("running_mean", "running_var")  # BatchNorm buffers that are data statistics, not weights
+BN_BUFFER_SUFFIXES = BN_STATISTICS + ("num_batches_tracked",)
+
+
+def expert_prefix(k: int) -> str:
+    """Payload key prefix of expert k (mixture methods)."""
+    return f"expert.{k}."
+
+
+def common_seed(method: str, seed: int, part: str) -> int:
+    """A seed shared by every client for one part of a method's initial model (the
+    initial model broadcast once), distinct per method and part."""
+    return zlib.crc32(f"{method}/{seed}/{part}".encode())
+
+
+def softmax_predictor(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    model.eval()
+    return lambda x: F.softmax(model(x), dim=1)
 
 
 # ------------------------------------------------------------------ state dicts

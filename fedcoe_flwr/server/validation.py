@@ -9,6 +9,8 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
+from ..algorithms.training import BN_STATISTICS
+
 Arrays = Mapping[str, torch.Tensor]
 
 
@@ -49,7 +51,7 @@ def validate_reply(arrays: Arrays, metrics: Mapping[str, Any],
     if max_norm_ratio > 0:
         # only what the client sends back: a payload may also carry read-only parts (FedMoE-DA's relayed experts)
         for key, delta in deltas.items():
-            if not key.endswith(("running_mean", "running_var")):
+            if not key.endswith(BN_STATISTICS):
                 bound = max_norm_ratio * (float(torch.linalg.vector_norm(payload[key].float())) + 1.0)
                 if not delta <= bound:
                     return f"update of '{key}' has norm {delta:.3g} > bound {bound:.3g}"

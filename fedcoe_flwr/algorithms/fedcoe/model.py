@@ -12,7 +12,7 @@ from torch import nn
 
 from ...config import ExperimentConfig
 from ...models import GateNet, build_expert
-from ..training import Arrays, prefixed, seeded_init, state_of, unprefixed
+from ..training import Arrays, expert_prefix, prefixed, seeded_init, state_of, unprefixed
 from .priors import as_prior, prior_correct
 
 GATE = "gate."
@@ -22,9 +22,6 @@ CLASS_MARGINAL = "class_marginal"  # mean predicted class probabilities (no labe
 TRAIN_PRIOR = "train_prior"
 LOCAL_PRIOR = "local_prior"  # private: the client's own label distribution
 
-
-def expert_prefix(k: int) -> str:
-    return f"expert.{k}."
 
 
 def network_part(net: nn.Module, part: str) -> Arrays:
