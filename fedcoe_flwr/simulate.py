@@ -21,8 +21,8 @@ from flwr.simulation import run_simulation
 from client_app.app import app as client_app
 
 from .compat import install_fast_dispatch
-from .config import config_from_run_config
-from .server.run import project_dir, run_server
+from .cli import user_errors
+from .server.run import run_server, server_config
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -57,7 +57,7 @@ def simulate(run_config: dict[str, Any], num_cpus_per_client: float = 1.0, num_g
     """Actors = cores / ``num_cpus_per_client`` (each ClientApp actor sets torch to that
     many threads, so actors never oversubscribe the cores); ``num_gpus_per_client`` None
     = ``default_num_gpus``."""
-    cfg = config_from_run_config(run_config, str(project_dir()))  # validated before Ray starts
+    cfg = server_config(run_config)  # validated and the data checked before Ray starts
     result: dict[str, Any] = {}
     server = ServerApp()
 
@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     run_config = {"config": args.config, **parse_overrides(args.set)}
-    result = simulate(run_config, args.num_cpus_per_client, args.num_gpus_per_client)
+    with user_errors():
+        result = simulate(run_config, args.num_cpus_per_client, args.num_gpus_per_client)
     return 0 if result else 1
 
 

@@ -300,3 +300,35 @@ def test_invalid_yaml_syntax_is_a_config_error(tmp_path):
     (tmp_path / "broken.yaml").write_text("num_rounds: [1, 2\n")
     with pytest.raises(ConfigError, match="broken.yaml"):
         load_config(tmp_path / "broken.yaml")
+
+
+def test_errors_say_where_the_key_was_set(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("num_rounds: 3\nlr: 0.1\n")
+    variant = tmp_path / "variant.yaml"
+    variant.write_text(f"base: {base.name}\nseed: 1\n\nlr: -1\n")
+    with pytest.raises(ConfigError, match=r"'lr' = -1.0 .*set at .*variant.yaml:4"):
+        load_config(variant)
+    with pytest.raises(ConfigError, match=r"'momentum' = -2.0 .*set by --run-config"):
+        load_config(base, {"momentum": -2})
+    (tmp_path / "typo.yaml").write_text("seed: 1\nnum_roundz: 3\n")
+    with pytest.raises(ConfigError, match=r"'num_roundz' at .*typo.yaml:2; did you mean 'num_rounds'\?"):
+        load_config(tmp_path / "typo.yaml")
+
+
+@pytest.mark.parametrize("names", ["a,b,a", "a,,b", "a, "])
+def test_duplicate_or_empty_class_names_are_refused(names):
+    with pytest.raises(ConfigError, match="class_names"):
+        from_dict({"class_names": names})
+
+
+def test_cli_prints_one_line_and_exits_2_without_a_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: -1\n")
+    proc = subprocess.run([sys.executable, "-m", "fedcoe_flwr.simulate", "--config", str(bad)],
+                          capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert proc.returncode == 2
+    assert "error: config key 'lr' = -1.0" in proc.stderr and "Traceback" not in proc.stderr

@@ -155,13 +155,13 @@ def _coerce(key: str, value: Any) -> Any:
     elif want is str:
         if isinstance(value, str):
             return value
-    raise ConfigError(f"config key '{key}' must be a {want.__name__}, got {value!r} ({type(value).__name__})")
+    raise ConfigError(f"config key '{key}' must be a {want.__name__}, got {value!r} ({type(value).__name__})", key)
 
 
 def unknown_key_error(key: str, where: str = "") -> ConfigError:
     close = difflib.get_close_matches(key, list(field_types()), n=1)
     hint = f"; did you mean '{close[0]}'?" if close else "; the keys are listed in pyproject.toml [tool.flwr.app.config]"
-    return ConfigError(f"unknown config key '{key}'{where}{hint}")
+    return ConfigError(f"unknown config key '{key}'{where}{hint}", key)
 
 
 def make_config(**values: Any) -> ExperimentConfig:
@@ -227,25 +227,46 @@ def load_yaml(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict[str
         raise ConfigError(f"config file '{path}' must hold a mapping of keys to values")
     for key in data:
         if key != "base" and key not in field_types():
-            raise unknown_key_error(str(key), f" in {path}")
+            raise unknown_key_error(str(key), f" at {key_location(p, str(key))}")
     base = data.pop("base", None)
     if base:
         return {**load_yaml(p.parent / str(base), _seen + (p.resolve(),)), **data}
     return data
 
 
+def key_location(path: Path, key: str) -> str:
+    """``file:line`` where ``key`` is set in the YAML file ``path`` (or its ``base`` chain)."""
+    try:
+        node = yaml.compose(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return str(path)
+    pairs = node.value if isinstance(node, yaml.MappingNode) else []
+    for key_node, value_node in pairs:
+        if key_node.value == key:
+            return f"{path}:{key_node.start_mark.line + 1}"
+    base = next((v.value for k, v in pairs if k.value == "base"), None)
+    return key_location(path.parent / str(base), key) if base else str(path)
+
+
 def load_config(
     path: str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None
 ) -> ExperimentConfig:
-    """Defaults < YAML file < overrides. Overrides equal to UNSET are ignored."""
+    """Defaults < YAML file < overrides. Overrides equal to UNSET are ignored. An error
+    about one key says where that key was set (file and line, or the overrides)."""
     values: dict[str, Any] = {}
     if path:
         values.update(load_yaml(path))
         values["config_path"] = str(path)
-    for key, value in (overrides or {}).items():
-        if value != UNSET:
-            values[key] = value
-    return from_dict(values)
+    given = {k: v for k, v in (overrides or {}).items() if v != UNSET}
+    values.update(given)
+    try:
+        return from_dict(values)
+    except ConfigError as err:
+        if err.key is None or str(err).startswith("unknown config key") and " at " in str(err):
+            raise
+        where = "set by --run-config / --set" if err.key in given else \
+            f"set at {key_location(Path(path), err.key)}" if path and err.key in values else "the default"
+        raise ConfigError(f"{err} ({where})", err.key) from None
 
 
 def config_from_run_config(run_config: Mapping[str, Any], base_dir: str | None = None) -> ExperimentConfig:

@@ -27,7 +27,12 @@ RUN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 class ConfigError(ValueError):
-    """A config value that cannot be used; the message names the key and the value."""
+    """A config value that cannot be used; the message names the key and the value
+    (``key``: the key, when one is to blame, so a loader can add where it was set)."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 class Section:
@@ -46,7 +51,7 @@ class Section:
 
 
 def bad_value(key: str, value: Any, allowed: str) -> ConfigError:
-    return ConfigError(f"config key '{key}' = {value!r} is not allowed: {allowed}")
+    return ConfigError(f"config key '{key}' = {value!r} is not allowed: {allowed}", key)
 
 
 def require(section: Any, ge0: tuple[str, ...] = (), ge1: tuple[str, ...] = (), gt0: tuple[str, ...] = (),

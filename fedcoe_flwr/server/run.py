@@ -72,14 +72,21 @@ def check_partitions(cfg: ExperimentConfig) -> None:
     client_splits(cfg)
 
 
-def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
+def server_config(run_config: Mapping[str, Any]) -> ExperimentConfig:
+    """The validated config with absolute paths, and every check that can run before round 1."""
     base = project_dir()
     cfg = absolute_paths(config_from_run_config(run_config, str(base)), base)
+    if not cfg.serve_from:
+        check_device(cfg)
+        check_global_test(cfg)
+        check_partitions(cfg)
+    return cfg
+
+
+def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
+    cfg = server_config(run_config)
     if cfg.serve_from:
         return {"onboarded": serve(grid, cfg)}
-    check_device(cfg)
-    check_global_test(cfg)
-    check_partitions(cfg)
     run_dir = RunDirectory(cfg)
     log(INFO, "[fedcoe] config %s validated; results go to %s", cfg.config_path or "(defaults)", run_dir.path)
     if run_dir.previous_run:
