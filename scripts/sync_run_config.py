@@ -16,7 +16,7 @@ section = None
 for key, holders in key_sections().items():
     if holders[0] != section:
         section = holders[0]
-        lines.append(f"# {section}")
+        lines.append(f"# {'model' if section == 'network' else section}")
     lines.append(f'{key} = "{UNSET}"  # built-in default: {defaults[key]!r}')
 path = ROOT / "pyproject.toml"
 text = path.read_text()

@@ -12,15 +12,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, Context, Message, RecordDict
+from flwr.app import Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
-from PIL import Image
+
+from harness import InProcessGrid, context
 
 from fedcoe_flwr.bundle import load_bundle
-from fedcoe_flwr.client import handlers as client
 from fedcoe_flwr.client.onboarding import handle_onboard
 from fedcoe_flwr.server import onboarding as onboard
 from fedcoe_flwr.algorithms import get_algorithm
@@ -42,10 +41,6 @@ CPU = torch.device("cpu")
 def _task_identity():
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
     yield
-
-
-def context(node_config: dict, node_id: int = 11) -> Context:
-    return Context(run_id=7, node_id=node_id, node_config=node_config, state=RecordDict(), run_config={})
 
 
 @pytest.fixture
@@ -140,32 +135,6 @@ def test_onboard_reply_with_more_than_row_and_metrics_is_refused(metrics, row, a
 
 
 # ------------------------------------------------------------------ the server's side, in process
-class InProcessGrid:
-    """A Grid whose nodes are ClientApp handlers in this process (one Context per node)."""
-
-    def __init__(self, nodes: dict[int, dict]):
-        self.contexts = {n: context(nc, node_id=n) for n, nc in nodes.items()}
-        self.sent: list[Message] = []
-        self.replies: list[Message] = []
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def send_and_receive(self, msgs, timeout=None):
-        handlers = {"query.profile": client.handle_profile, "query.onboard": handle_onboard,
-                    "train": client.handle_train, "evaluate": client.handle_evaluate,
-                    "evaluate.coldstart": client.handle_coldstart}
-        out = []
-        for msg in msgs:
-            self.sent.append(msg)
-            node = msg.metadata.dst_node_id
-            TaskIdentity.node_id = node
-            reply = handlers[msg.metadata.message_type](msg, self.contexts[node])
-            out.append(reply)
-            self.replies.append(reply)
-        return out
-
-
 def test_onboard_strategy_detects_a_joining_node_and_lets_it_train(sites, tmp_path):
     """3 training + 1 cold-start site train one round; a new site appears; it is onboarded with
     the package of the current state (registry line), then trains the next round as a new client."""

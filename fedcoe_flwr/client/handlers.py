@@ -20,7 +20,7 @@ from ..models import pick_device
 from ..records import (ARRAYS, CONFIG, EXPERIMENT, METRICS, config_record, experiment_from_record,
                        from_array_record, metric_record, to_array_record)
 from .node import NodeConfigError, NodeRole, client_data, client_seed, configure_threads, node_role
-from .private_state import PRIVATE, journal, private_parts, save_private_state, state_checksum
+from .private_state import journal, private_parts, save_private_state, state_checksum
 
 
 @dataclass
@@ -99,14 +99,12 @@ def handle_train(msg: Message, context: Context) -> Message:
     role, cfg, pid = call.role, call.cfg, call.index
     if (is_coldstart(cfg, pid) or role.coldstart) and not call.config.get("joined"):
         raise ValueError(f"client {pid} ({role.key}) is a cold-start client and must never train")
-    private_in, source = private_parts(context, role, cfg)
+    private_in, source = private_parts(context, role, cfg, before_round=call.server_round)
     started = time.perf_counter()
     upload, private, metrics = call.algorithm.client_train(
         call.step(private_in, call.data(), client_seed(cfg, pid, call.server_round)))
-    if private:
-        context.state[PRIVATE] = to_array_record(private)
     metrics["train_time_s"] = time.perf_counter() - started
-    if role.state_dir and private:
+    if private:
         crc_out = save_private_state(role, cfg, context, private, call.server_round)
         journal(role, cfg, {"round": call.server_round, "phase": "train", "source": source,
                             "crc_in": state_checksum(private_in), "crc_out": crc_out, "run_id": int(context.run_id)})
@@ -119,7 +117,7 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     call = Call.of(msg, context)
     cfg, role, device = call.cfg, call.role, call.device
     data = call.data()
-    private, source = private_parts(context, role, cfg)
+    private, source = private_parts(context, role, cfg, before_round=call.server_round + 1)
     predict = call.algorithm.client_predict(call.step(private, None))
     metrics: dict[str, Any] = {"accuracy": accuracy(predict, data.test_x, data.test_y, cfg, device),
                                "num_test": int(len(data.test_y)), "num_samples": data.num_train}
@@ -132,9 +130,8 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
                             "Give the node the test set with --node-config 'global-test-dir=\"/path\"' "
                             "(test/<class>/* images).") from err
         metrics["global_accuracy"] = accuracy(predict, gx, gy, cfg, device)
-    if role.state_dir:
-        journal(role, cfg, {"round": call.server_round, "phase": "evaluate", "source": source,
-                            "crc_in": state_checksum(private), "run_id": int(context.run_id)})
+    journal(role, cfg, {"round": call.server_round, "phase": "evaluate", "source": source,
+                        "crc_in": state_checksum(private), "run_id": int(context.run_id)})
     upload = call.algorithm.client_eval_upload(call.step(private, None)) \
         if call.algorithm.coldstart_needs_client_parts else None
     return call.reply(upload, metrics)

@@ -110,6 +110,7 @@ class StorageSection(Section):
     download: bool = True  # torchvision download when data_root is a folder without a copy
     cache_dir: str = ".cache/fedcoe_flwr"
     global_test_dir: str = ""  # image folder / .tar.gz with test/<class>/* for global accuracy (deployment)
+    state_dir: str = ""  # private parts of partition-mode nodes without node config state-dir; "" -> <cache_dir>/state
 
 
 @dataclass(frozen=True)

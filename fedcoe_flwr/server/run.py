@@ -38,6 +38,7 @@ def absolute_paths(cfg: ExperimentConfig, base: Path) -> ExperimentConfig:
     return cfg.replace(data_root=resolve(cfg.data_root) if cfg.data_root else "",
                        global_test_dir=resolve(cfg.global_test_dir) if cfg.global_test_dir else "",
                        cache_dir=resolve(cfg.cache_dir), results_dir=resolve(cfg.results_dir),
+                       state_dir=resolve(cfg.state_dir) if cfg.state_dir else "",
                        serve_from=resolve(cfg.serve_from) if cfg.serve_from else "")
 
 

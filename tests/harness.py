@@ -1,0 +1,45 @@
+"""Test doubles for the Flower glue: a node Context and a Grid whose nodes are the
+ClientApp's handlers in this process (one Context per node, like a SuperNode)."""
+
+from __future__ import annotations
+
+from flwr.app import Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedcoe_flwr.client import handlers
+from fedcoe_flwr.client.onboarding import handle_onboard
+
+
+def context(node_config: dict, node_id: int = 11, run_id: int = 7) -> Context:
+    return Context(run_id=run_id, node_id=node_id, node_config=node_config, state=RecordDict(), run_config={})
+
+
+class InProcessGrid:
+    """``fail_on``: (message type, round) whose exchange raises after the nodes handled it
+    (a server that dies mid-round, after the clients trained)."""
+
+    def __init__(self, nodes: dict[int, dict], run_id: int = 7, fail_on: tuple[str, int] | None = None):
+        self.contexts = {n: context(nc, node_id=n, run_id=run_id) for n, nc in nodes.items()}
+        self.sent: list[Message] = []
+        self.replies: list[Message] = []
+        self.fail_on = fail_on
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, msgs, timeout=None):
+        route = {"query.profile": handlers.handle_profile, "query.onboard": handle_onboard,
+                 "train": handlers.handle_train, "evaluate": handlers.handle_evaluate,
+                 "evaluate.coldstart": handlers.handle_coldstart}
+        out = []
+        for msg in msgs:
+            self.sent.append(msg)
+            node = msg.metadata.dst_node_id
+            TaskIdentity.node_id = node
+            reply = route[msg.metadata.message_type](msg, self.contexts[node])
+            out.append(reply)
+            self.replies.append(reply)
+        if self.fail_on and msgs and msgs[0].metadata.message_type == self.fail_on[0] and \
+                int(msgs[0].content.config_records["config"]["server_round"]) == self.fail_on[1]:
+            raise ConnectionError(f"the server died during {self.fail_on[0]} of round {self.fail_on[1]}")
+        return out
