@@ -1,43 +1,93 @@
 """Data layer: decode once, cache uint8 arrays, partition with flwr-datasets,
 split each client 80/20 stratified, everything deterministic from one seed.
 
-Sources: torchvision CIFAR-10/100 (downloaded when online), any image folder or
-``.tar.gz`` with ``train/<class>/*`` and ``test/<class>/*`` (also how a real site's
-data looks), and a small generated data set for tests.
+Sources: torchvision CIFAR-10/100 (downloaded only into ``./data`` or an existing
+folder, when ``download`` is on), any image folder or ``.tar.gz`` with
+``train/<class>/*`` and ``test/<class>/*`` (also how a real site's data looks), and a
+small generated data set for tests.
+
+Decoded images are cached on disk as one ``.npy`` per array, memory-mapped by every
+process that reads them. A cache is named by the size and times of every file its
+source's decoding reads (found by one directory walk, no image opened), so a changed,
+added, removed or corrupt image is decoded again, never served stale.
+
+Missing data is a :class:`MissingDataError` whose hint depends on ``mode``: ``"simulation"``
+(and research-mode deployment: a partition of the data set the run config names) is
+fixed through the run config, ``"deployment"`` (a site with its own images) through a
+SuperNode's node config.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import os
+import shutil
 import tarfile
+import tempfile
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Literal, NamedTuple, Sequence
 
 import numpy as np
 import torch
 
 from .config import ExperimentConfig, from_dict
+from .fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".gif", ".webp")
 TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar")
-MISSING_DATA_HINT = (
-    "This machine may be offline: point the run at a local copy with "
-    "--run-config \"data_root='/path/to/cifar10-jpg.tar.gz'\" (an image folder or .tar.gz "
-    "holding train/<class>/* and test/<class>/*), or at a torchvision root that already "
-    "holds the data set (e.g. cifar-10-batches-py/)."
-)
+# the folder under a torchvision root that holds each data set's files
+TORCHVISION_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+
+Mode = Literal["simulation", "deployment"]
+MODES: tuple[str, ...] = ("simulation", "deployment")
+_HINTS = {
+    ("simulation", "data set"): (
+        "Point the run at a local copy with --run-config \"data_root='/path/to/cifar10-jpg.tar.gz'\" "
+        "(an image folder or .tar.gz holding train/<class>/* and test/<class>/*) or at a torchvision root "
+        "that already holds the data set (a folder with cifar-10-batches-py/); torchvision downloads it only "
+        "with download=true into ./data (data_root='') or an existing folder, on a machine that is online."),
+    ("simulation", "global test set"): (
+        "Point global_test_dir in the run config at an image folder or .tar.gz with test/<class>/*, or set "
+        "it to '' to use the data set's own test split."),
+    ("deployment", "data set"): (
+        "A deployed site needs no data set: it reads its own images from --node-config 'data-dir=\"/path\"' "
+        "(train/<class>/* and test/<class>/*) and labels them with class_names from the run config "
+        "(the federation's classes, comma-separated)."),
+    ("deployment", "global test set"): (
+        "In a deployment the global test set is an image folder or .tar.gz with test/<class>/*: the server "
+        "reads it from global_test_dir in the run config (a path on the SuperLink host), a SuperNode from "
+        "--node-config 'global-test-dir=\"/path\"'."),
+}
 
 
 class DataError(RuntimeError):
     """Missing, corrupt or unusable data; the message names the file or folder."""
+
+
+class MissingDataError(DataError):
+    """The data is not where the configuration says (as opposed to present but unusable)."""
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def _hinted(mode: str, what: str, load: Callable[[], ImageData]) -> ImageData:
+    """``load()``, with the remedies for ``what`` in ``mode`` added to a MissingDataError."""
+    _check_mode(mode)
+    try:
+        return load()
+    except MissingDataError as err:
+        raise MissingDataError(f"{err} {_HINTS[mode, what]}") from err.__cause__
 
 
 @dataclass
@@ -88,8 +138,10 @@ def decode_image(blob: bytes, name: str, size: int) -> np.ndarray:
 
 def _split_member(path: str) -> tuple[str, str] | None:
     """'x/train/cat/1.jpg' -> ('train', 'cat'); None for non-image paths."""
-    parts = Path(path).parts
-    if len(parts) < 3 or not path.lower().endswith(IMAGE_SUFFIXES):
+    if not path.lower().endswith(IMAGE_SUFFIXES):
+        return None
+    parts = [p for p in path.split("/") if p not in ("", ".")]  # as PurePosixPath.parts, 10x faster
+    if len(parts) < 3:
         return None
     split, cls = parts[-3], parts[-2]
     return (split, cls) if split in ("train", "test") else None
@@ -128,6 +180,58 @@ def _collect(items: Iterator[tuple[str, bytes]], source: str, size: int,
     )
 
 
+class _FileStamp(NamedTuple):
+    rel: str  # '/'-separated path relative to the source
+    size: int
+    mtime_ns: int
+    ctime_ns: int  # also moves when a copy keeps the old mtime (cp -p, rsync -t)
+
+
+def _scan(root: Path, keep: Callable[[str], bool]) -> list[_FileStamp]:
+    """Every file under ``root`` whose relative path ``keep`` accepts, with its size and
+    times, from one ``os.scandir`` walk; no file is opened. The order is Path.rglob's
+    sorted order (the order images are decoded in), and like rglob the walk does not
+    enter symlinked folders; an unreadable folder is an error, not silently skipped."""
+    found: list[_FileStamp] = []
+
+    def walk(folder: str, prefix: str) -> None:
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for entry in entries:
+            rel = prefix + entry.name
+            if entry.is_dir(follow_symlinks=False):
+                walk(entry.path, rel + "/")
+            elif keep(rel) and entry.is_file():
+                st = entry.stat()
+                found.append(_FileStamp(rel, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+
+    try:
+        walk(str(root), "")
+    except OSError as err:
+        raise DataError(f"cannot list '{err.filename or root}': {err.strerror or err}") from err
+    return found
+
+
+def _source_files(path: Path) -> list[_FileStamp]:
+    """The files decoding ``path`` reads: an archive itself, or a folder's
+    train|test/<class>/ images."""
+    if path.is_file():
+        st = path.stat()
+        return [_FileStamp(path.name, st.st_size, st.st_mtime_ns, st.st_ctime_ns)]
+    return _scan(path, lambda rel: _split_member(rel) is not None)
+
+
+def _fingerprint(path: Path, files: Sequence[_FileStamp]) -> str:
+    h = hashlib.sha1(str(path.resolve()).encode())
+    for f in files:
+        h.update(f"\n{f.rel}|{f.size}|{f.mtime_ns}|{f.ctime_ns}".encode())
+    return h.hexdigest()
+
+
+def _source_stamp(path: Path) -> str:
+    return _fingerprint(path, _source_files(path))
+
+
 def _iter_tar(path: Path) -> Iterator[tuple[str, bytes]]:
     try:
         with tarfile.open(path) as tar:
@@ -141,10 +245,12 @@ def _iter_tar(path: Path) -> Iterator[tuple[str, bytes]]:
 
 
 def _iter_folder(path: Path) -> Iterator[tuple[str, bytes]]:
-    for file in sorted(path.rglob("*")):
-        rel = str(file.relative_to(path))
-        if file.is_file() and _split_member(rel):
-            yield rel, file.read_bytes()
+    for f in _source_files(path):
+        try:
+            blob = (path / f.rel).read_bytes()
+        except OSError as err:
+            raise DataError(f"cannot read image '{path / f.rel}': {err.strerror or err}") from err
+        yield f.rel, blob
 
 
 def is_image_folder_source(path: Path) -> bool:
@@ -161,7 +267,7 @@ def read_image_folder(path: str | Path, size: int = 32,
     cold-start site)."""
     path = Path(path)
     if not path.exists():
-        raise DataError(f"data '{path}' does not exist. {MISSING_DATA_HINT}")
+        raise MissingDataError(f"image folder or archive '{path}' does not exist.")
     items = _iter_tar(path) if path.is_file() else _iter_folder(path)
     return _collect(items, str(path), size, class_names, need_train)
 
@@ -174,70 +280,73 @@ def _torchvision(cfg: ExperimentConfig, root: Path) -> ImageData:
         train = cls(str(root), train=True, download=cfg.download)
         test = cls(str(root), train=False, download=cfg.download)
     except Exception as err:  # offline download failure, missing files, corrupt batches
-        raise DataError(f"{cfg.dataset} not found or unreadable under '{root}' ({err}). "
-                        f"{MISSING_DATA_HINT}") from err
+        raise MissingDataError(f"{cfg.dataset} not found or unreadable under '{root}' "
+                               f"(download={cfg.download}; torchvision: {err}).") from err
     return ImageData(np.asarray(train.data), np.asarray(train.targets, dtype=np.int64),
                      np.asarray(test.data), np.asarray(test.targets, dtype=np.int64),
                      list(train.classes))
 
 
 # --------------------------------------------------------------------------- caching
-def _source_key(cfg: ExperimentConfig, path: Path) -> str:
-    stat = path.stat() if path.exists() else None
-    raw = f"{cfg.dataset}|{path.resolve()}|{stat.st_size if stat else 0}|" \
-          f"{stat.st_mtime_ns if stat else 0}|{cfg.image_size}"
-    if cfg.class_names:  # labels depend on the label space (existing cache names stay valid)
-        raw += f"|{cfg.class_names}"
-    return hashlib.sha1(raw.encode()).hexdigest()[:16]
+_CACHE_ARRAYS = ("train_x", "train_y", "test_x", "test_y")
 
 
-def _write_npz_atomic(path: Path, data: ImageData) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
-    np.savez(tmp, train_x=data.train_x, train_y=data.train_y, test_x=data.test_x,
-             test_y=data.test_y, class_names=np.array(data.class_names))
-    os.replace(tmp, path)
+def _write_cache(folder: Path, data: ImageData) -> None:
+    """Write into a temporary folder, then rename it: a reader sees the whole cache or none."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        for name in _CACHE_ARRAYS:
+            atomic_write(tmp / f"{name}.npy", lambda fh, a=getattr(data, name): np.save(fh, a, allow_pickle=False))
+        atomic_write(tmp / "class_names.json", json.dumps(data.class_names))
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if not folder.is_dir():
+                raise  # else another process wrote the same cache first
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _mmap_npz(path: Path) -> dict[str, np.ndarray] | None:
-    """The members of an uncompressed .npz (what ``np.savez`` writes) as read-only memory
-    maps: every process (each Ray actor) maps the same page-cache pages instead of reading
-    and holding its own copy of the whole data set, and touches only the images it
-    indexes. None when a member is compressed or not a plain array (then np.load)."""
-    import zipfile
-
-    out: dict[str, np.ndarray] = {}
-    with zipfile.ZipFile(path) as zf, open(path, "rb") as fh:
-        for info in zf.infolist():
-            if info.compress_type != zipfile.ZIP_STORED or not info.filename.endswith(".npy"):
-                return None
-            fh.seek(info.header_offset)
-            local = fh.read(30)
-            if local[:4] != b"PK\x03\x04":
-                return None
-            name_len, extra_len = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
-            fh.seek(info.header_offset + 30 + name_len + extra_len)
-            version = np.lib.format.read_magic(fh)
-            shape, fortran, dtype = (np.lib.format.read_array_header_1_0(fh) if version == (1, 0)
-                                     else np.lib.format.read_array_header_2_0(fh))
-            if dtype.hasobject:
-                return None
-            name = info.filename[:-4]
-            if int(np.prod(shape)) == 0:
-                out[name] = np.zeros(shape, dtype=dtype)
-                continue
-            out[name] = np.memmap(path, dtype=dtype, mode="r", offset=fh.tell(), shape=shape,
-                                  order="F" if fortran else "C")
-    return out
+def _read_cache(folder: Path) -> ImageData:
+    """Images as read-only memory maps: every process (each Ray actor) maps the same
+    page-cache pages instead of holding its own copy, and touches only the images it
+    indexes. Labels are small: read into memory."""
+    arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r" if name.endswith("_x") else None,
+                            allow_pickle=False) for name in _CACHE_ARRAYS}
+    names = json.loads((folder / "class_names.json").read_text())
+    for split in ("train", "test"):
+        x, y = arrays[f"{split}_x"], arrays[f"{split}_y"]
+        if x.ndim != 4 or len(x) != len(y):
+            raise ValueError(f"{split} arrays do not match: images {x.shape}, labels {y.shape}")
+    return ImageData(arrays["train_x"], arrays["train_y"], arrays["test_x"], arrays["test_y"],
+                     [str(c) for c in names])
 
 
-def _read_npz(path: Path) -> ImageData:
-    arrays = _mmap_npz(path)
-    if arrays is None:
-        with np.load(path) as z:
-            arrays = {k: z[k] for k in z.files}
-    return ImageData(arrays["train_x"], np.asarray(arrays["train_y"]), arrays["test_x"],
-                     np.asarray(arrays["test_y"]), [str(c) for c in arrays["class_names"]])
+def _through_cache(cache_dir: Path, kind: str, source: Path, settings: str,
+                   stamp: Callable[[], str], decode: Callable[[], ImageData]) -> ImageData:
+    """``decode()`` once per version of ``source``: the cache folder is named by
+    ``settings`` and ``stamp()``, the fingerprint of every file decoding reads. A source
+    that changed while it was decoded (or was just downloaded) is not cached."""
+    before = stamp()
+    key = hashlib.sha1(f"{settings}|{before}".encode()).hexdigest()[:16]
+    folder = cache_dir / f"{kind}-{key}"
+    if folder.is_dir():
+        try:
+            return _read_cache(folder)
+        except Exception as err:  # corrupt cache: rebuild it rather than fail
+            log.warning("data cache '%s' is unreadable (%s); decoding '%s' again", folder, err, source)
+            shutil.rmtree(folder, ignore_errors=True)
+    data = decode()
+    if stamp() != before:
+        log.warning("'%s' changed while it was read (or was just downloaded): not cached", source)
+        return data
+    try:
+        _write_cache(folder, data)
+        log.info("decoded %s once; cached as %s", source, folder)
+    except OSError as err:
+        log.warning("could not write data cache '%s': %s", folder, err)
+    return data
 
 
 def _data_root(cfg: ExperimentConfig) -> Path:
@@ -250,42 +359,46 @@ def _load_dataset_cached(cfg_key: tuple) -> ImageData:
     if cfg.dataset == "synthetic":
         return _synthetic(cfg)
     root = _data_root(cfg)
-    cache = Path(cfg.cache_dir) / f"{cfg.dataset}-{_source_key(cfg, root)}.npz"
-    if cache.is_file():
-        try:
-            return _read_npz(cache)  # memory-mapped: shared by every process on the machine
-        except Exception as err:  # corrupt cache: rebuild it rather than fail
-            log.warning("cache '%s' is unreadable (%s); decoding the source again", cache, err)
+    if not root.exists() and (cfg.data_root or cfg.dataset not in TORCHVISION_FOLDERS):
+        # only an empty data_root (./data) is a place to download into; a named path is read
+        raise MissingDataError(f"data_root '{root}' does not exist (it names a local path: read, never "
+                               "downloaded to).")
+    if root.is_file() and not root.name.endswith(TAR_SUFFIXES):
+        raise DataError(f"data_root '{root}' is a file but not a {'/'.join(TAR_SUFFIXES)} archive; it must be "
+                        "an image folder, an archive of one, or a torchvision root folder")
+    settings = f"{cfg.dataset}|{cfg.image_size}|{cfg.class_names}"
     if cfg.dataset == "imagefolder" or is_image_folder_source(root):
         names = [c.strip() for c in cfg.class_names.split(",") if c.strip()] or None
-        data = read_image_folder(root, cfg.image_size, names)  # labels in the federation's label space
-    elif cfg.dataset in ("cifar10", "cifar100"):
-        data = _torchvision(cfg, root)
-    else:
-        raise DataError(f"data_root '{root}' is not an image folder or .tar.gz. {MISSING_DATA_HINT}")
-    try:
-        _write_npz_atomic(cache, data)
-        log.info("decoded %s once; cached as %s", root, cache)
-    except OSError as err:
-        log.warning("could not write data cache '%s': %s", cache, err)
-    return data
+        return _through_cache(Path(cfg.cache_dir), cfg.dataset, root, settings,
+                              lambda: _source_stamp(root),
+                              # labels in the federation's label space
+                              lambda: read_image_folder(root, cfg.image_size, names))
+    folder = root / TORCHVISION_FOLDERS[cfg.dataset]
+    return _through_cache(Path(cfg.cache_dir), cfg.dataset, root, settings,
+                          lambda: _fingerprint(folder, _scan(folder, lambda rel: True) if folder.is_dir() else []),
+                          lambda: _torchvision(cfg, root))
 
 
 DATA_KEYS = ("dataset", "data_root", "download", "cache_dir", "seed", "image_size", "class_names",
              "synthetic_train_size", "synthetic_test_size", "synthetic_num_classes")
 
 
-def load_dataset(cfg: ExperimentConfig) -> ImageData:
-    """The whole data set, decoded once per source and process (truly shared data)."""
+def _dataset(cfg: ExperimentConfig) -> ImageData:
     return _load_dataset_cached(tuple((k, getattr(cfg, k)) for k in DATA_KEYS))
 
 
-def federation_classes(cfg: ExperimentConfig) -> list[str]:
+def load_dataset(cfg: ExperimentConfig, mode: Mode = "simulation") -> ImageData:
+    """The whole data set, decoded once per source and process (truly shared data).
+    ``mode`` picks the remedies a MissingDataError names."""
+    return _hinted(mode, "data set", lambda: _dataset(cfg))
+
+
+def federation_classes(cfg: ExperimentConfig, mode: Mode = "simulation") -> list[str]:
     """The federation's label space: ``class_names`` from the config when given (sites
     with their own data map their folders onto it), else the data set's classes."""
     if cfg.class_names:
         return [c.strip() for c in cfg.class_names.split(",") if c.strip()]
-    return load_dataset(cfg).class_names
+    return load_dataset(cfg, mode).class_names
 
 
 # --------------------------------------------------------------------------- partitions
@@ -404,11 +517,6 @@ def client_splits(cfg: ExperimentConfig) -> tuple[tuple[np.ndarray, np.ndarray],
     return tuple(splits[pid] for pid in range(len(splits)))
 
 
-def client_split(cfg: ExperimentConfig, partition_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """One client's (train indices, test indices); only this client's split is computed."""
-    return _splits(cfg)[partition_id]
-
-
 def is_coldstart(cfg: ExperimentConfig, partition_id: int) -> bool:
     return partition_id >= cfg.num_clients
 
@@ -429,7 +537,9 @@ class ClientData:
 
 
 def to_tensor_images(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).contiguous()
+    """uint8 NHWC array -> uint8 NCHW tensor in its own (writable) memory, also from a
+    read-only memory map."""
+    return torch.from_numpy(np.array(x.transpose(0, 3, 1, 2), order="C"))
 
 
 def normalize(x_uint8: torch.Tensor) -> torch.Tensor:
@@ -441,7 +551,7 @@ def normalize(x_uint8: torch.Tensor) -> torch.Tensor:
 def _client_data_cached(cfg_key: tuple, partition_id: int) -> ClientData:
     cfg = from_dict(dict(cfg_key))
     data = load_dataset(cfg)
-    train_idx, test_idx = client_split(cfg, partition_id)
+    train_idx, test_idx = _splits(cfg)[partition_id]
     return ClientData(to_tensor_images(data.train_x[train_idx]), torch.from_numpy(data.train_y[train_idx]),
                       to_tensor_images(data.train_x[test_idx]), torch.from_numpy(data.train_y[test_idx]))
 
@@ -453,19 +563,30 @@ def load_client_data(cfg: ExperimentConfig, partition_id: int) -> ClientData:
     return _client_data_cached(tuple((k, getattr(cfg, k)) for k in PARTITION_KEYS), partition_id)
 
 
-def load_global_test(cfg: ExperimentConfig, source: str = "") -> tuple[torch.Tensor, torch.Tensor]:
-    """The official test set: from ``source`` or ``cfg.global_test_dir`` when set (an image
-    folder / .tar.gz with ``test/<class>/*``, for a server or site that does not hold the
-    data set), else the data set's own test split."""
+def load_global_test(cfg: ExperimentConfig, source: str = "", mode: Mode = "simulation"
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official test set: from ``source`` (a SuperNode's node config global-test-dir)
+    or ``cfg.global_test_dir`` when set (an image folder / .tar.gz with ``test/<class>/*``,
+    for a server or site that does not hold the data set), else the data set's own test
+    split. ``mode`` picks the remedies a MissingDataError names."""
+    _check_mode(mode)
+    origin = "node config global-test-dir" if source else "run config global_test_dir"
     source = source or cfg.global_test_dir
     if source:
         if not cfg.class_names:
-            raise DataError(f"global_test_dir '{source}' needs class_names in the config (the "
+            raise DataError(f"global test set '{source}' ({origin}) needs class_names in the run config (the "
                             "federation's label space, comma-separated) to label its test/<class>/ folders")
-        data = _read_folder_cached(str(Path(os.path.expanduser(source))), cfg.image_size,
-                                   tuple(federation_classes(cfg)), False)
-    else:
-        data = load_dataset(cfg)
+        path = Path(os.path.expanduser(source))
+        names = tuple(federation_classes(cfg))
+
+        def read() -> ImageData:
+            if not path.exists():
+                raise MissingDataError(f"global test set '{path}' ({origin}) does not exist.")
+            return _read_folder_cached(str(path), _source_stamp(path), cfg.image_size, names, False)
+
+        data = _hinted(mode, "global test set", read)
+    else:  # a deployed node that lacks the data set needs a global test set, not the data set
+        data = _hinted(mode, "data set" if mode == "simulation" else "global test set", lambda: _dataset(cfg))
     idx = np.arange(len(data.test_y))
     if cfg.global_test_subset and cfg.global_test_subset < len(idx):
         idx = np.sort(np.random.default_rng(cfg.seed + 1).permutation(idx)[: cfg.global_test_subset])
@@ -477,51 +598,31 @@ def load_global_test(cfg: ExperimentConfig, source: str = "") -> tuple[torch.Ten
 # own images: train/<class>/* for training, test/<class>/* as its local test split,
 # labelled in the federation's label space (class_names from the run config).
 @lru_cache(maxsize=8)
-def _read_folder_cached(path: str, size: int, class_names: tuple[str, ...], need_train: bool) -> ImageData:
+def _read_folder_cached(path: str, stamp: str, size: int, class_names: tuple[str, ...],
+                        need_train: bool) -> ImageData:
+    """In-process memo of read_image_folder; ``stamp`` (the folder's fingerprint) is in the
+    key so that a folder changed since is read again."""
     return read_image_folder(path, size, class_names, need_train)
-
-
-def _folder_fingerprint(path: Path) -> str:
-    """Changes when any image of the folder/archive is added, removed or rewritten."""
-    h = hashlib.sha1(str(path.resolve()).encode())
-    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
-    for f in files:
-        st = f.stat()
-        h.update(f"{f.relative_to(path) if f != path else f.name}|{st.st_size}|{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:16]
 
 
 def load_site_images(data_dir: str | os.PathLike, cfg: ExperimentConfig, need_train: bool = True,
                      cache_dir: str | os.PathLike | None = None) -> ImageData:
     """A site's own image folder / archive mapped onto the federation's label space.
-    With ``cache_dir`` the decoded arrays are kept as .npz there (a deployed ClientApp is a
-    new process per message, so this saves decoding the images every round)."""
+    With ``cache_dir`` the decoded arrays are cached there (a deployed ClientApp is a new
+    process per message, so this saves decoding the images every round)."""
     path = Path(os.path.expanduser(str(data_dir)))
     if not path.exists():
-        raise DataError(f"site data folder '{path}' (node config data-dir) does not exist; it must hold "
-                        "train/<class>/* and test/<class>/* images (or be a .tar.gz of that layout)")
+        raise MissingDataError(f"site data folder '{path}' (node config data-dir) does not exist; it must "
+                               "hold train/<class>/* and test/<class>/* images (or be a .tar.gz of that layout)")
     if not cfg.class_names:
         raise DataError(f"site data '{path}' needs class_names in the run config: the federation's label "
                         "space (comma-separated) that every site's class folders are mapped onto")
     names = tuple(federation_classes(cfg))
     if cache_dir is None:
-        return _read_folder_cached(str(path), cfg.image_size, names, need_train)
-    key = hashlib.sha1(f"{_folder_fingerprint(path)}|{cfg.image_size}|{','.join(names)}|{need_train}"
-                       .encode()).hexdigest()[:16]
-    cache = Path(cache_dir) / f"site-{key}.npz"
-    if cache.is_file():
-        try:
-            with np.load(cache) as z:
-                return ImageData(z["train_x"], z["train_y"], z["test_x"], z["test_y"],
-                                 [str(c) for c in z["class_names"]])
-        except Exception as err:  # corrupt cache: decode again
-            log.warning("site data cache '%s' is unreadable (%s); decoding the images again", cache, err)
-    data = _read_folder_cached(str(path), cfg.image_size, names, need_train)
-    try:
-        _write_npz_atomic(cache, data)
-    except OSError as err:
-        log.warning("could not write site data cache '%s': %s", cache, err)
-    return data
+        return _read_folder_cached(str(path), _source_stamp(path), cfg.image_size, names, need_train)
+    return _through_cache(Path(cache_dir), "site", path, f"{cfg.image_size}|{','.join(names)}|{need_train}",
+                          lambda: _source_stamp(path),
+                          lambda: read_image_folder(path, cfg.image_size, names, need_train))
 
 
 def load_site_data(data_dir: str | os.PathLike, cfg: ExperimentConfig, need_train: bool = True,

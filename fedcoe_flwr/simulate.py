@@ -57,7 +57,7 @@ def simulate(run_config: dict[str, Any], num_cpus_per_client: float = 1.0, num_g
     """Actors = cores / ``num_cpus_per_client`` (each ClientApp actor sets torch to that
     many threads, so actors never oversubscribe the cores); ``num_gpus_per_client`` None
     = ``default_num_gpus``."""
-    cfg = server_config(run_config)  # validated and the data checked before Ray starts
+    cfg = server_config(run_config, "simulation")  # validated and the data checked before Ray starts
     result: dict[str, Any] = {}
     server = ServerApp()
 

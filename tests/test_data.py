@@ -3,6 +3,7 @@ disjointness, coverage, stratified local splits), client tensors and batches."""
 
 from __future__ import annotations
 
+import os
 import tarfile
 
 import numpy as np
@@ -12,8 +13,8 @@ from PIL import Image
 
 from fedcoe_flwr import data as data_mod
 from fedcoe_flwr.data import (DataError, batches, client_splits, is_coldstart, load_client_data,
-                              load_dataset, load_global_test, normalize, read_image_folder,
-                              stratified_split)
+                              load_dataset, load_global_test, load_site_data, load_site_images, normalize,
+                              read_image_folder, stratified_split)
 
 # A distinct solid colour per class, far apart so JPEG/PNG round trips keep them apart.
 COLOURS = {"ant": (250, 10, 10), "bee": (10, 250, 10), "cat": (10, 10, 250)}
@@ -86,6 +87,14 @@ def test_read_image_folder_and_archive(tmp_path, archive):
     np.testing.assert_array_equal(colour_label(d.test_x, d.class_names), d.test_y)
 
 
+@pytest.mark.parametrize("name, expected", [
+    ("cifar10/train/cat/1.jpg", ("train", "cat")), ("./train/cat/1.JPG", ("train", "cat")),
+    ("/abs/test/dog//2.png", ("test", "dog")), ("train/1.jpg", None), ("x/val/cat/1.jpg", None),
+    ("train/cat/notes.txt", None), ("train/cat/sub/1.png", None)])
+def test_which_paths_are_labelled_images(name, expected):
+    assert data_mod._split_member(name) == expected
+
+
 def test_read_image_folder_with_given_class_names(tmp_path):
     root = make_image_folder(tmp_path / "imgs", {"train": {"bee": 2, "cat": 2}, "test": {"cat": 1}})
     names = ["cat", "dog", "bee", "ant"]  # the federation's order, a superset of what is here
@@ -137,15 +146,19 @@ def test_imagefolder_dataset_is_decoded_once_and_cached(make_cfg, tmp_path, fres
     root = make_image_folder(tmp_path / "imgs")
     cfg = make_cfg(dataset="imagefolder", data_root=str(root), image_size=8)
     first = load_dataset(cfg)
-    cached = list((tmp_path / "cache").glob("imagefolder-*.npz"))
+    cached = list((tmp_path / "cache").glob("imagefolder-*"))
     assert len(cached) == 1
+    assert sorted(p.name for p in cached[0].iterdir()) == [
+        "class_names.json", "test_x.npy", "test_y.npy", "train_x.npy", "train_y.npy"]
     fresh_caches()
 
     def no_decoding(*args, **kwargs):
-        raise AssertionError("decoded again although the .npz cache exists")
+        raise AssertionError("decoded again although the cache exists")
 
     monkeypatch.setattr(data_mod, "read_image_folder", no_decoding)
+    (root / "train" / "README.txt").write_text("not an image: not decoded, not in the key")
     second = load_dataset(cfg)
+    assert isinstance(second.train_x, np.memmap)  # shared page cache, not a private copy
     assert second.class_names == first.class_names
     np.testing.assert_array_equal(second.train_x, first.train_x)
     np.testing.assert_array_equal(second.test_y, first.test_y)
@@ -169,6 +182,212 @@ def test_site_labels_follow_the_federation_class_names(make_cfg, tmp_path, fresh
     assert load_dataset(cfg.replace(class_names="")).class_names == ["bee", "cat"]
     with pytest.raises(DataError, match="cat"):
         load_dataset(cfg.replace(class_names="ant,bee"))
+
+
+# ------------------------------------------------------------------ the decoded-image cache
+def touch_later(path):
+    """Move a file's mtime one second on. A rewrite of the same size within one timestamp
+    tick (a few ms) cannot be told from the original by size and times; edits by people
+    and tools are further apart than that."""
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+
+
+def as_archive(root, archive):
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(root, arcname="cifar-like")
+    return archive
+
+
+def load_cached(reader, source, make_cfg, tmp_path):
+    """The two readers with a disk cache: a data set's data_root and a site's data-dir."""
+    if reader == "data_root":
+        return load_dataset(make_cfg(dataset="imagefolder", data_root=str(source), image_size=8))
+    return load_site_images(source, make_cfg(class_names="ant,bee,cat", image_size=8), cache_dir=tmp_path / "cache")
+
+
+def cache_folders(tmp_path):
+    return sorted(p for p in (tmp_path / "cache").iterdir() if not p.name.startswith("."))
+
+
+def change_image(root):  # an ant image repainted in the bee colour, same name and size
+    Image.new("RGB", (10, 10), COLOURS["bee"]).save(root / "train" / "ant" / "000.png")
+    touch_later(root / "train" / "ant" / "000.png")
+
+
+def add_image(root):
+    Image.new("RGB", (10, 10), COLOURS["cat"]).save(root / "train" / "cat" / "099.png")
+
+
+def remove_image(root):
+    (root / "train" / "bee" / "000.png").unlink()
+
+
+def corrupt_image(root):
+    (root / "train" / "cat" / "002.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+
+
+@pytest.mark.parametrize("edit", [change_image, add_image, remove_image, corrupt_image])
+@pytest.mark.parametrize("archive", [False, True])
+@pytest.mark.parametrize("reader", ["data_root", "site"])
+def test_an_edited_image_invalidates_the_cache(make_cfg, tmp_path, fresh_caches, reader, archive, edit):
+    root = make_image_folder(tmp_path / "imgs")
+    source = as_archive(root, tmp_path / "imgs.tar.gz") if archive else root
+    before = load_cached(reader, source, make_cfg, tmp_path)
+    assert np.bincount(colour_label(before.train_x, before.class_names), minlength=3).tolist() == [4, 3, 5]
+    assert len(cache_folders(tmp_path)) == 1
+    fresh_caches()
+    edit(root)
+    if archive:
+        as_archive(root, source)
+        touch_later(source)
+    if edit is corrupt_image:
+        with pytest.raises(DataError, match="002.png"):
+            load_cached(reader, source, make_cfg, tmp_path)
+        return
+    after = load_cached(reader, source, make_cfg, tmp_path)
+    expected = {change_image: [3, 4, 5], add_image: [4, 3, 6], remove_image: [4, 2, 5]}[edit]
+    assert np.bincount(colour_label(after.train_x, after.class_names), minlength=3).tolist() == expected
+    assert len(cache_folders(tmp_path)) == 2  # a new version of the source, a new cache
+    fresh_caches()
+    again = load_cached(reader, source, make_cfg, tmp_path)  # now from the new cache
+    np.testing.assert_array_equal(again.train_x, after.train_x)
+    assert len(cache_folders(tmp_path)) == 2
+
+
+def test_a_source_edited_while_it_is_decoded_is_not_cached(make_cfg, tmp_path, monkeypatch):
+    root = make_image_folder(tmp_path / "imgs")
+    decode = data_mod.read_image_folder
+
+    def decode_then_edit(*args, **kwargs):
+        out = decode(*args, **kwargs)
+        touch_later(root / "test" / "cat" / "000.png")
+        return out
+
+    monkeypatch.setattr(data_mod, "read_image_folder", decode_then_edit)
+    assert len(load_dataset(make_cfg(dataset="imagefolder", data_root=str(root), image_size=8)).test_y) == 5
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())  # no temp folder left
+
+
+def test_a_corrupt_cache_is_decoded_again(make_cfg, tmp_path, fresh_caches, caplog):
+    root = make_image_folder(tmp_path / "imgs")
+    cfg = make_cfg(dataset="imagefolder", data_root=str(root), image_size=8)
+    first = load_dataset(cfg)
+    (folder,) = cache_folders(tmp_path)
+    with open(folder / "train_x.npy", "r+b") as fh:
+        fh.truncate(200)
+    fresh_caches()
+    second = load_dataset(cfg)
+    assert "unreadable" in caplog.text
+    np.testing.assert_array_equal(second.train_x, first.train_x)
+    assert np.load(folder / "train_x.npy", mmap_mode="r").shape == first.train_x.shape  # rewritten whole
+
+
+def test_site_cache_without_a_train_split(make_cfg, tmp_path, recwarn):
+    root = make_image_folder(tmp_path / "new-site", {"test": {"bee": 2}})
+    cfg = make_cfg(class_names="ant,bee,cat", image_size=8)
+    first = load_site_data(root, cfg, need_train=False, cache_dir=tmp_path / "cache")
+    second = load_site_data(root, cfg, need_train=False, cache_dir=tmp_path / "cache")  # from the cache
+    assert tuple(second.train_x.shape) == (0, 3, 8, 8) and second.test_y.tolist() == [1, 1]
+    assert torch.equal(first.test_x, second.test_x)
+    assert not [w for w in recwarn if "not writable" in str(w.message)]  # tensors own their memory
+
+
+def test_torchvision_root_cache_follows_its_data_set_folder(make_cfg, tmp_path, fresh_caches, monkeypatch):
+    batches_dir = tmp_path / "tv" / "cifar-10-batches-py"
+    batches_dir.mkdir(parents=True)
+    (batches_dir / "data_batch_1").write_bytes(b"\x01")
+    calls = []
+
+    def fake_torchvision(cfg, root):  # stands in for torchvision, which checks the real files' md5
+        calls.append(root)
+        x = np.full((2, 8, 8, 3), (batches_dir / "data_batch_1").read_bytes()[-1], dtype=np.uint8)
+        return data_mod.ImageData(x, np.array([0, 1]), x, np.array([0, 1]), ["a", "b"])
+
+    monkeypatch.setattr(data_mod, "_torchvision", fake_torchvision)
+    cfg = make_cfg(dataset="cifar10", data_root=str(tmp_path / "tv"), image_size=8)
+    load_dataset(cfg)
+    fresh_caches()
+    (tmp_path / "tv" / "notes.txt").write_text("beside the data set: not part of it")
+    assert load_dataset(cfg).train_x[0, 0, 0, 0] == 1 and len(calls) == 1
+    fresh_caches()
+    (batches_dir / "data_batch_1").write_bytes(b"\x01\x07")
+    assert load_dataset(cfg).train_x[0, 0, 0, 0] == 7 and len(calls) == 2
+
+
+# ------------------------------------------------------------------ missing data
+@pytest.fixture
+def torchvision_calls(monkeypatch):
+    """Every CIFAR data set torchvision is asked for (root, train, download); each fails
+    as an offline machine's would, so no test reaches the network."""
+    import torchvision
+
+    calls = []
+
+    class Offline:
+        def __init__(self, root, train, download):
+            calls.append((root, train, download))
+            raise RuntimeError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", Offline)
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", Offline)
+    return calls
+
+
+@pytest.mark.parametrize("name", ["cifar10-jpg.tar.gz", "cifar10.tgz", "cifar10.tar", "cifar10-folder"])
+def test_a_missing_data_root_is_named_and_never_downloaded_to(make_cfg, tmp_path, torchvision_calls, name):
+    missing = tmp_path / "nope" / name
+    with pytest.raises(DataError) as err:
+        load_dataset(make_cfg(dataset="cifar10", data_root=str(missing), download=True))
+    assert str(err.value).startswith(f"data_root '{missing}' does not exist")
+    assert "urlopen" not in str(err.value)
+    assert torchvision_calls == [] and not (tmp_path / "nope").exists()
+
+
+def test_download_only_into_dot_data_or_an_existing_folder(make_cfg, tmp_path, monkeypatch, torchvision_calls):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tv").mkdir()
+    for data_root, where in (("", "data"), (str(tmp_path / "tv"), str(tmp_path / "tv"))):
+        with pytest.raises(DataError) as err:
+            load_dataset(make_cfg(dataset="cifar10", data_root=data_root, download=True))
+        assert torchvision_calls[-1] == (where, True, True)
+        assert str(err.value).startswith(f"cifar10 not found or unreadable under '{where}'")
+
+
+def test_a_data_root_file_that_is_no_archive_is_named(make_cfg, tmp_path, torchvision_calls):
+    (tmp_path / "cifar.zip").write_bytes(b"PK")
+    with pytest.raises(DataError, match="cifar.zip' is a file but not"):
+        load_dataset(make_cfg(dataset="cifar10", data_root=str(tmp_path / "cifar.zip")))
+    assert torchvision_calls == []
+
+
+def error_text(load, *args, **kwargs) -> str:
+    with pytest.raises(DataError) as err:
+        load(*args, **kwargs)
+    return str(err.value)
+
+
+def test_missing_data_hints_name_only_the_remedies_of_the_mode(make_cfg, tmp_path):
+    cfg = make_cfg(dataset="imagefolder", data_root=str(tmp_path / "gone"))
+    node_config = ("--node-config", "data-dir", "global-test-dir")
+    sim = error_text(load_dataset, cfg)
+    assert "data_root=" in sim and "global_test_dir" not in sim and not any(k in sim for k in node_config)
+    dep = error_text(load_dataset, cfg, mode="deployment")
+    assert "data-dir" in dep and "data_root" not in dep.split(". ", 1)[1] and "--run-config" not in dep
+    # the global test set: in simulation the data set's own split, in a deployment a test folder
+    sim = error_text(load_global_test, cfg)
+    assert "data_root=" in sim and not any(k in sim for k in node_config)
+    dep = error_text(load_global_test, cfg, mode="deployment")
+    assert "global-test-dir" in dep and "global_test_dir" in dep and "--run-config" not in dep
+    named = cfg.replace(class_names="ant,bee", global_test_dir=str(tmp_path / "gt"))
+    sim = error_text(load_global_test, named)
+    assert sim.startswith(f"global test set '{tmp_path / 'gt'}' (run config global_test_dir) does not exist")
+    assert not any(k in sim for k in node_config)
+    dep = error_text(load_global_test, named, str(tmp_path / "node-gt"), mode="deployment")
+    assert dep.startswith(f"global test set '{tmp_path / 'node-gt'}' (node config global-test-dir) does not exist")
+    assert "data_root" not in dep
+    with pytest.raises(ValueError, match="mode"):
+        load_dataset(cfg, mode="research")
 
 
 # ------------------------------------------------------------------ partitions

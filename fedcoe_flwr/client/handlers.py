@@ -19,7 +19,7 @@ from ..data import ClientData, DataError, federation_classes, is_coldstart, load
 from ..models import pick_device
 from ..records import (ARRAYS, CONFIG, EXPERIMENT, METRICS, config_record, experiment_from_record,
                        from_array_record, metric_record, to_array_record)
-from .node import NodeConfigError, NodeRole, client_data, client_seed, configure_threads, node_role
+from .node import NodeConfigError, NodeRole, client_data, client_seed, configure_threads, data_mode, node_role
 from .private_state import journal, private_parts, save_private_state, state_checksum
 
 
@@ -46,7 +46,7 @@ class Call:
         role = node_role(context)
         return cls(msg, context, cfg, from_array_record(msg.content.array_records[ARRAYS]),
                    dict(msg.content.config_records[CONFIG]), role, role.index(cfg), get_algorithm(cfg.algorithm),
-                   len(federation_classes(cfg)), pick_device(cfg.device))
+                   len(federation_classes(cfg, mode=data_mode(role))), pick_device(cfg.device))
 
     @property
     def server_round(self) -> int:
@@ -123,12 +123,10 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
                                "num_test": int(len(data.test_y)), "num_samples": data.num_train}
     if call.config.get("global_test"):
         try:
-            gx, gy = load_global_test(cfg, role.global_test_dir)
+            gx, gy = load_global_test(cfg, role.global_test_dir, mode=data_mode(role))
         except DataError as err:
             raise DataError(f"{cfg.algorithm} has no single global model, so its global accuracy is the mean of "
-                            f"the client models on the global test set, which this node cannot load ({err}). "
-                            "Give the node the test set with --node-config 'global-test-dir=\"/path\"' "
-                            "(test/<class>/* images).") from err
+                            f"the client models on the global test set, which this node cannot load: {err}") from err
         metrics["global_accuracy"] = accuracy(predict, gx, gy, cfg, device)
     journal(role, cfg, {"round": call.server_round, "phase": "evaluate", "source": source,
                         "crc_in": state_checksum(private), "run_id": int(context.run_id)})

@@ -175,6 +175,11 @@ def node_role(context: Context) -> NodeRole:
                           f"partition it is: {NODE_CONFIG_HELP}")
 
 
+def data_mode(role: NodeRole) -> str:
+    """Which remedies a data error names: a site's (deployment) or a partition's (simulation)."""
+    return "deployment" if role.mode == "site" else "simulation"
+
+
 def client_seed(cfg: ExperimentConfig, partition_id: int, server_round: int) -> int:
     return zlib.crc32(f"{cfg.seed}/{partition_id}/{server_round}".encode())
 

@@ -11,10 +11,11 @@ from typing import Any, Mapping
 import torch
 from flwr.common.logger import log
 from flwr.serverapp import Grid
+from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from ..algorithms import get_algorithm
 from ..config import ConfigError, ExperimentConfig, config_from_run_config
-from ..data import DataError, client_splits, load_dataset, load_global_test
+from ..data import DataError, MissingDataError, Mode, client_splits, load_dataset, load_global_test
 from .loop import RoundLoop
 from .onboarding import serve
 from .run_dir import RunDirectory
@@ -42,17 +43,16 @@ def absolute_paths(cfg: ExperimentConfig, base: Path) -> ExperimentConfig:
                        serve_from=resolve(cfg.serve_from) if cfg.serve_from else "")
 
 
-def check_global_test(cfg: ExperimentConfig) -> None:
+def check_global_test(cfg: ExperimentConfig, mode: Mode) -> None:
     """A server that evaluates the global model must be able to load the global test set:
     find out now, not after the first round (a deployed server may not hold the data set)."""
     if not get_algorithm(cfg.algorithm).has_global_model:
         return  # the clients evaluate their own models on it (node config global-test-dir)
     try:
-        load_global_test(cfg)
+        load_global_test(cfg, mode=mode)
     except DataError as err:
-        raise DataError(f"the server computes global accuracy on the global test set but cannot load it: {err}. "
-                        "A server that does not hold the data set needs global_test_dir: an image folder or "
-                        ".tar.gz with test/<class>/* on the SuperLink host (see docs/DEPLOYMENT.md).") from err
+        raise DataError(f"the server computes global accuracy on the global test set but cannot load it: {err}") \
+            from err
 
 
 def check_device(cfg: ExperimentConfig) -> None:
@@ -68,24 +68,25 @@ def check_partitions(cfg: ExperimentConfig) -> None:
     run before round 1 with the keys to change, not as a failure in every client."""
     try:
         load_dataset(cfg)
-    except DataError:
+    except MissingDataError:
         return  # a deployment whose sites hold their own data: nothing to partition here
     client_splits(cfg)
 
 
-def server_config(run_config: Mapping[str, Any]) -> ExperimentConfig:
-    """The validated config with absolute paths, and every check that can run before round 1."""
+def server_config(run_config: Mapping[str, Any], mode: Mode) -> ExperimentConfig:
+    """The validated config with absolute paths, and every check that can run before round 1
+    (``mode``: simulation or deployment, for the remedies an error names)."""
     base = project_dir()
     cfg = absolute_paths(config_from_run_config(run_config, str(base)), base)
     if not cfg.serve_from:
         check_device(cfg)
-        check_global_test(cfg)
+        check_global_test(cfg, mode)
         check_partitions(cfg)
     return cfg
 
 
 def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
-    cfg = server_config(run_config)
+    cfg = server_config(run_config, "simulation" if isinstance(grid, InMemoryGrid) else "deployment")
     if cfg.serve_from:
         return {"onboarded": serve(grid, cfg)}
     run_dir = RunDirectory(cfg)
