@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from harness import TINY
+
 from fedcoe_flwr import data as data_mod
 from fedcoe_flwr.config import ExperimentConfig, from_dict
 
@@ -15,30 +17,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # The test models are tiny: intra-op threads only add overhead, and on a busy 2-core
 # machine oversubscription made one local epoch 10-20x slower (0.4 s -> 4-10 s).
 torch.set_num_threads(1)
-
-# Small enough that a FedCoE local epoch takes well under a second on one CPU core.
-TINY = dict(
-    dataset="synthetic",
-    synthetic_train_size=240,
-    synthetic_test_size=60,
-    synthetic_num_classes=4,
-    image_size=16,
-    num_clients=3,
-    num_coldstart_clients=1,
-    partition="iid",
-    min_partition_size=5,
-    model="resnet_moe",
-    resnet_depth=8,
-    resnet_width=4,
-    inner_experts=2,
-    inner_top_k=1,
-    gate_width=4,
-    num_experts=3,
-    local_epochs=1,
-    batch_size=16,
-    eval_batch_size=64,
-    lr=0.05,
-)
 
 
 def clear_data_caches() -> None:

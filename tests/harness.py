@@ -3,11 +3,40 @@ ClientApp's handlers in this process (one Context per node, like a SuperNode).""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
 from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedcoe_flwr.client import handlers
 from fedcoe_flwr.client.onboarding import handle_onboard
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# the tiny generated data set every fast test starts from: small enough that a FedCoE
+# local epoch takes well under a second on one CPU core
+TINY = dict(
+    dataset="synthetic",
+    synthetic_train_size=240,
+    synthetic_test_size=60,
+    synthetic_num_classes=4,
+    image_size=16,
+    num_clients=3,
+    num_coldstart_clients=1,
+    partition="iid",
+    min_partition_size=5,
+    model="resnet_moe",
+    resnet_depth=8,
+    resnet_width=4,
+    inner_experts=2,
+    inner_top_k=1,
+    gate_width=4,
+    num_experts=3,
+    local_epochs=1,
+    batch_size=16,
+    eval_batch_size=64,
+    lr=0.05,
+)
 
 
 def context(node_config: dict, node_id: int = 11, run_id: int = 7) -> Context:
@@ -43,3 +72,15 @@ class InProcessGrid:
                 int(msgs[0].content.config_records["config"]["server_round"]) == self.fail_on[1]:
             raise ConnectionError(f"the server died during {self.fail_on[0]} of round {self.fail_on[1]}")
         return out
+
+
+def clone(arrays: dict) -> dict:
+    return {k: v.clone() for k, v in arrays.items()}
+
+
+def assert_same(a: dict, b: dict) -> None:
+    """Two state dicts with the same keys, dtypes and values."""
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype, k
+        assert torch.equal(a[k], b[k]), k

@@ -19,7 +19,7 @@ from fedcoe_flwr.algorithms.fedcoe import CORRELATION, FedCoE
 from fedcoe_flwr.data import client_splits, load_client_data, load_dataset, read_image_folder
 from fedcoe_flwr.server.validation import validate_reply
 
-ARCHIVE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpg.tar.gz"
+ARCHIVE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "cifar10-jpg.tar.gz"
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 PER_CLASS = {"train": 30, "test": 10}
 

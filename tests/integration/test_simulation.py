@@ -12,7 +12,7 @@ from client_app.app import app as client_app
 from fedcoe_flwr.server.run import run_server
 from fedcoe_flwr.server.nodes import FederationError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def simulate(tmp_path: Path, num_supernodes: int = 5, **overrides) -> Path:
@@ -29,7 +29,6 @@ def simulate(tmp_path: Path, num_supernodes: int = 5, **overrides) -> Path:
     return tmp_path / "sim"
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["fedcoe", "fedavg"])
 def test_simulation_writes_all_three_metrics(tmp_path, algorithm):
     out = simulate(tmp_path, algorithm=algorithm)
@@ -53,7 +52,6 @@ def test_simulation_writes_all_three_metrics(tmp_path, algorithm):
         assert rounds[1]["train_bytes_down"] < rounds[0]["train_bytes_down"]
 
 
-@pytest.mark.slow
 def test_node_count_mismatch_is_reported(tmp_path):
     # Flower 1.39's run_simulation re-raises the ServerApp's error; the summary keeps it too
     with pytest.raises(FederationError, match="num-supernodes=5"):

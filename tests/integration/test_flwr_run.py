@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LOCAL_SUPERLINK_PORT = 39091
 
 
@@ -73,7 +73,6 @@ def stop_tree(marker: str, wait: float = 30.0) -> None:
         time.sleep(0.2)
 
 
-@pytest.mark.slow
 def test_flwr_run_smoke_end_to_end(tmp_path):
     if port_in_use(LOCAL_SUPERLINK_PORT):
         pytest.skip(f"a local SuperLink already listens on 127.0.0.1:{LOCAL_SUPERLINK_PORT} (started outside "

@@ -16,7 +16,7 @@ from fedcoe_flwr.algorithms.fedcoe.params import experts_per_client
 from fedcoe_flwr.config import (UNSET, ConfigError, ExperimentConfig, config_from_run_config, field_types, from_dict, make_config,
                                 load_config, load_yaml)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 FIELDS = list(field_types())
 
 

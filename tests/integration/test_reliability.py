@@ -1,0 +1,101 @@
+"""Real simulations that lose a client or the server: a killed run resumed from its checkpoint
+matches the uninterrupted run; a failing or NaN client is left out and the round completes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+import numpy as np
+import pytest
+import torch
+from flwr.clientapp import ClientApp
+from harness import REPO_ROOT as ROOT
+
+from fedcoe_flwr.client import handlers as client
+from fedcoe_flwr.records import ARRAYS
+
+
+# ------------------------------------------------------------------ real simulations
+def simulate(tmp_path: Path, client_app=None, **overrides) -> Path:
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    from client_app.app import app as default_client_app
+    from fedcoe_flwr.server.run import run_server
+
+    run_config = {"config": str(ROOT / "configs" / "smoke.yaml"), "results_dir": str(tmp_path),
+                  "cache_dir": str(tmp_path / "cache"), "run_name": "sim", **overrides}
+    server = ServerApp()
+
+    @server.main()
+    def main(grid, context):
+        run_server(grid, run_config)
+
+    run_simulation(server, client_app or default_client_app, num_supernodes=5,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    return tmp_path / "sim"
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
+    """FedAvg has no client-private state, so a run killed after round 2 and resumed
+    must end with exactly the state of a run that was never interrupted."""
+    common = dict(algorithm="fedavg", num_rounds=3, eval_every=3)
+    full = simulate(tmp_path / "full", **common)
+    # "killed" after round 2: a run that stopped there, then the same run resumed
+    simulate(tmp_path / "resumed", **{**common, "num_rounds": 2})
+    resumed = simulate(tmp_path / "resumed", **{**common, "resume": True})
+    a = torch.load(full / "final_state.pt", weights_only=False)
+    b = torch.load(resumed / "final_state.pt", weights_only=False)
+    assert a["round"] == b["round"] == 3
+    for key, value in a["arrays"].items():
+        assert torch.allclose(value.float(), b["arrays"][key].float(), atol=1e-6), key
+    rounds = [json.loads(l)["round"] for l in (resumed / "rounds.jsonl").read_text().splitlines()]
+    assert rounds == [1, 2, 3]  # no round repeated or skipped
+
+
+def failing_client_app(kind: str) -> ClientApp:
+    """The real ClientApp, except that partition 1 misbehaves in round 2."""
+    app = ClientApp()
+
+    @app.query("profile")
+    def profile(msg, context):
+        return client.handle_profile(msg, context)
+
+    @app.train()
+    def train(msg, context):
+        reply = client.handle_train(msg, context)
+        if int(context.node_config["partition-id"]) == 1 and msg.content["config"]["server_round"] == 2:
+            if kind == "raise":
+                raise RuntimeError("injected failure")
+            arrays = reply.content.array_records[ARRAYS]
+            key = next(iter(arrays))
+            t = arrays[key].numpy().copy()
+            t.flat[0] = np.nan
+            from flwr.app import Array
+            arrays[key] = Array(t)
+        return reply
+
+    @app.evaluate()
+    def evaluate(msg, context):
+        return client.handle_evaluate(msg, context)
+
+    @app.evaluate("coldstart")
+    def coldstart(msg, context):
+        return client.handle_coldstart(msg, context)
+
+    return app
+
+
+@pytest.mark.parametrize("kind", ["raise", "nan"])
+def test_reject_failing_or_nan_client_round_still_completes(tmp_path, kind):
+    out = simulate(tmp_path, client_app=failing_client_app(kind))
+    rounds = [json.loads(l) for l in (out / "rounds.jsonl").read_text().splitlines()]
+    assert rounds[0]["replies"] == 4 and rounds[0]["failed"] == [] and rounds[0]["rejected"] == []
+    if kind == "raise":
+        assert rounds[1]["failed"] == [1]
+    else:
+        assert rounds[1]["rejected"] == [1]
+    assert rounds[1]["replies"] == 3
+    assert json.loads((out / "summary.json").read_text())["status"] == "finished"
+    state = torch.load(out / "final_state.pt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in state["arrays"].values() if v.is_floating_point())
