@@ -97,9 +97,7 @@ def child_plain(args: argparse.Namespace) -> dict[str, Any]:
         for client in sorted({c for clients in schedule for c in clients}):
             load_client_data(cfg, client)
     else:  # cold like a Ray actor: the data set is loaded and partitioned inside round 1
-        data_mod._load_dataset_cached.cache_clear()
-        data_mod._client_splits_cached.cache_clear()
-        data_mod._client_data_cached.cache_clear()
+        data_mod.clear_caches()
     setup = clock()
     device = torch.device("cpu")
     privates: dict[int, Any] = {}

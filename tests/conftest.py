@@ -21,9 +21,7 @@ torch.set_num_threads(1)
 
 def clear_data_caches() -> None:
     """Forget everything the data layer memoised in this process."""
-    data_mod._load_dataset_cached.cache_clear()
-    data_mod._client_splits_cached.cache_clear()
-    data_mod._client_data_cached.cache_clear()
+    data_mod.clear_caches()
 
 
 @pytest.fixture

@@ -12,6 +12,8 @@ import torch
 from PIL import Image
 
 from fedcoe_flwr import data as data_mod
+from fedcoe_flwr.data import dataset as data_dataset
+from fedcoe_flwr.data import sources as data_sources
 from fedcoe_flwr.data import (DataError, batches, client_splits, is_coldstart, load_client_data,
                               load_dataset, load_global_test, load_site_data, load_site_images, normalize,
                               read_image_folder, stratified_split)
@@ -92,7 +94,7 @@ def test_read_image_folder_and_archive(tmp_path, archive):
     ("/abs/test/dog//2.png", ("test", "dog")), ("train/1.jpg", None), ("x/val/cat/1.jpg", None),
     ("train/cat/notes.txt", None), ("train/cat/sub/1.png", None)])
 def test_which_paths_are_labelled_images(name, expected):
-    assert data_mod._split_member(name) == expected
+    assert data_sources._split_member(name) == expected
 
 
 def test_read_image_folder_with_given_class_names(tmp_path):
@@ -155,7 +157,7 @@ def test_imagefolder_dataset_is_decoded_once_and_cached(make_cfg, tmp_path, fres
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded again although the cache exists")
 
-    monkeypatch.setattr(data_mod, "read_image_folder", no_decoding)
+    monkeypatch.setattr(data_dataset, "read_image_folder", no_decoding)
     (root / "train" / "README.txt").write_text("not an image: not decoded, not in the key")
     second = load_dataset(cfg)
     assert isinstance(second.train_x, np.memmap)  # shared page cache, not a private copy
@@ -257,14 +259,14 @@ def test_an_edited_image_invalidates_the_cache(make_cfg, tmp_path, fresh_caches,
 
 def test_a_source_edited_while_it_is_decoded_is_not_cached(make_cfg, tmp_path, monkeypatch):
     root = make_image_folder(tmp_path / "imgs")
-    decode = data_mod.read_image_folder
+    decode = data_dataset.read_image_folder
 
     def decode_then_edit(*args, **kwargs):
         out = decode(*args, **kwargs)
         touch_later(root / "test" / "cat" / "000.png")
         return out
 
-    monkeypatch.setattr(data_mod, "read_image_folder", decode_then_edit)
+    monkeypatch.setattr(data_dataset, "read_image_folder", decode_then_edit)
     assert len(load_dataset(make_cfg(dataset="imagefolder", data_root=str(root), image_size=8)).test_y) == 5
     assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())  # no temp folder left
 
@@ -304,7 +306,7 @@ def test_torchvision_root_cache_follows_its_data_set_folder(make_cfg, tmp_path, 
         x = np.full((2, 8, 8, 3), (batches_dir / "data_batch_1").read_bytes()[-1], dtype=np.uint8)
         return data_mod.ImageData(x, np.array([0, 1]), x, np.array([0, 1]), ["a", "b"])
 
-    monkeypatch.setattr(data_mod, "_torchvision", fake_torchvision)
+    monkeypatch.setattr(data_dataset, "torchvision_data", fake_torchvision)
     cfg = make_cfg(dataset="cifar10", data_root=str(tmp_path / "tv"), image_size=8)
     load_dataset(cfg)
     fresh_caches()

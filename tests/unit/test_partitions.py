@@ -33,7 +33,7 @@ def test_partitioner_properties_disjoint_deterministic_split(partition, alpha, n
     assert len(np.unique(everything)) == len(everything) and everything.max() < 400
     for tr, te in splits:
         assert len(tr) > 0 and not set(tr.tolist()) & set(te.tolist())
-    data_mod._client_splits_cached.cache_clear()
+    data_mod.clear_caches()
     again = data_mod.client_splits(cfg)
     assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(splits, again))
 
