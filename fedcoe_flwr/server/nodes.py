@@ -53,6 +53,14 @@ class NodeDirectory:
             time.sleep(1.0)
             node_ids = [int(n) for n in grid.get_node_ids()]
         found, failed = self.profiles(grid, node_ids)
+        sizes = {int(info["num-partitions"]) for info in found.values()}
+        if found and not failed and len(sizes) == 1 and sizes != {want} and len(found) == min(sizes):
+            # every node agrees on another federation size: a simulation started with another count
+            raise FederationError(
+                f"the federation has {len(found)} nodes (num-partitions={min(sizes)}) but the config needs {want} "
+                f"({self.cfg.num_clients} training + {self.cfg.num_coldstart_clients} cold-start). In simulation "
+                f"run flwr run . --federation-config \"num-supernodes={want}\", or set num_clients and "
+                "num_coldstart_clients to match the nodes you have.")
         seen: dict[int, int] = {}
         extra: dict[int, dict[str, Any]] = {}  # new sites / surplus cold-start nodes: onboarded, not counted
         problems = [f"a node refused the profile query: {reason}" for reason in failed]
@@ -75,7 +83,7 @@ class NodeDirectory:
             lines = problems + ([f"no node for client(s) {missing[:10]}"] if missing else [])
             hint = (f"In simulation run flwr run . --federation-config \"num-supernodes={want}\"; in a deployment "
                     "start one SuperNode per site with its own site-id (docs/DEPLOYMENT.md)."
-                    if missing and not problems else "Fix the nodes named above (their logs say more).")
+                    if not problems else "Fix the nodes named above (their logs say more).")
             raise FederationError(f"the federation does not match the config ({len(node_ids)} node(s) connected, "
                                   f"{want} needed: {self.cfg.num_clients} training + "
                                   f"{self.cfg.num_coldstart_clients} cold-start):\n  - " + "\n  - ".join(lines)
