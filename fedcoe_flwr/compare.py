@@ -235,9 +235,9 @@ def plot_per_client(curves: dict[str, list[list[dict[str, Any]]]], path: Path) -
     jitter = np.random.default_rng(0)
     for i, values in enumerate(data.values(), start=1):
         ax.scatter(i + jitter.uniform(-0.15, 0.15, len(values)), values, s=10, alpha=0.6, color="tab:blue")
-    ax.set_xticks(range(1, len(data) + 1), [f"{label}\n({len(v)} clients)" for label, v in data.items()], rotation=20)
+    ax.set_xticks(range(1, len(data) + 1), [f"{label}\n(n={len(v)})" for label, v in data.items()], rotation=20)
     ax.set_ylabel("personalised accuracy %")
-    ax.set_title("Personalised accuracy per client, last evaluation (all seeds)")
+    ax.set_title("Personalised accuracy per client at the last evaluation (n: clients × seeds)")
     ax.grid(alpha=0.3, axis="y")
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)

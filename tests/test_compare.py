@@ -293,8 +293,12 @@ def test_compare_runs_skips_and_writes_the_table(tmp_path):
     assert doc["methods"]["fedavg"]["global"]["mean"] == pytest.approx(acc, abs=1e-3)
     assert f"| fedavg | {acc:.2f} ± 0.00 |" in (tmp_path / "RESULTS.md").read_text()
     assert (tmp_path / "compare-smoke" / "curves.png").is_file()
+    assert (tmp_path / "compare-smoke" / "per_client.png").is_file()
+    assert "[compare] 1/1 done: smoke-fedavg-s0 took " in first.stdout
+    assert list((tmp_path / "compare-smoke" / "tb" / "fedavg" / "s0").glob("events.out.tfevents.*"))
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "finished earlier, skipped" in again.stdout
+    assert "[compare] 1/1 done: smoke-fedavg-s0 finished earlier; all runs done" in again.stdout
     # --report-only runs nothing: a method never run is left out of the table
     report = subprocess.run(cmd[:cmd.index("fedavg")] + ["fedavg", "fedprox"] + cmd[cmd.index("fedavg") + 1:]
                             + ["--report-only"], capture_output=True, text=True, timeout=600)
