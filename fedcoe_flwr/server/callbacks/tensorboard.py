@@ -98,26 +98,31 @@ class TensorBoard(Callback):
         if loop.round:  # resumed: the checkpoint's records replace whatever the stopped segment wrote
             for old in self.dir.glob("events.out.tfevents.*"):
                 old.unlink()
-        self.writer = SummaryWriter(str(self.dir))
         when = {r["round"]: r.get("aggregated_at") for r in loop.round_log}
         for i, record in enumerate(loop.round_log):
             self.log_round(record, loop.round_log[i - 1] if i else None, record.get("aggregated_at"))
         for record in loop.history:
             self.log_evaluation(record, when.get(record["round"]))
-        self.writer.flush()
+        self.open().flush()
+
+    def open(self) -> SummaryWriter:
+        """The writer, opened on first use (a test may drive the loop's rounds without ``start``)."""
+        if self.writer is None:
+            self.writer = SummaryWriter(str(self.dir))
+        return self.writer
 
     def log_round(self, record: dict[str, Any], previous: dict[str, Any] | None,
                   walltime: float | None = None) -> None:
         for tag, value in round_scalars(record, previous).items():
-            self.writer.add_scalar(tag, value, record["round"], walltime=walltime)
+            self.open().add_scalar(tag, value, record["round"], walltime=walltime)
 
     def log_evaluation(self, record: dict[str, Any], walltime: float | None = None) -> None:
         step = record["round"]
         for tag, value in evaluation_scalars(record).items():
-            self.writer.add_scalar(tag, value, step, walltime=walltime)
+            self.open().add_scalar(tag, value, step, walltime=walltime)
         per_client = record.get(PER_CLIENT_KEY)
         if per_client:
-            self.writer.add_histogram(accuracy_tag(PER_CLIENT_KEY), np.asarray(per_client, dtype=float), step,
+            self.open().add_histogram(accuracy_tag(PER_CLIENT_KEY), np.asarray(per_client, dtype=float), step,
                                       walltime=walltime)
 
     def on_round(self, loop: Any, record: dict[str, Any]) -> None:
@@ -125,10 +130,10 @@ class TensorBoard(Callback):
 
     def on_evaluation(self, loop: Any, record: dict[str, Any]) -> None:
         self.log_evaluation(record)
-        self.writer.flush()
+        self.open().flush()
 
     def on_round_end(self, loop: Any) -> None:
-        self.writer.flush()  # before the round's checkpoint: what a resume restores is on disk here too
+        self.open().flush()  # before the round's checkpoint: what a resume restores is on disk here too
 
     def on_end(self, loop: Any, status: str) -> None:
         if self.writer is not None:
