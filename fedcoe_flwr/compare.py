@@ -5,10 +5,19 @@
 
 Each (method, seed) runs in its own process (``python -m fedcoe_flwr.simulate``)
 under ``results/<config>-<method>-s<seed>``; runs whose summary says ``finished``
-are skipped, interrupted ones resume from their last checkpoint. The report:
+are skipped, interrupted ones resume from their last checkpoint. After each run one line says
+how many are done and the time left, estimated from the mean time of the runs this invocation
+ran (skipped runs count as done, not in the estimate). The report:
 
 - ``<out>/comparison.md`` (mean and std over seeds of global, personalised and
-  cold-start accuracy, bytes per client per round, wall time) and ``<out>/curves.png``;
+  cold-start accuracy at the final round and at each seed's best evaluated round with its
+  number, bytes per client per round, wall time), ``<out>/curves.png`` and
+  ``<out>/per_client.png`` (each method's personalised accuracy per client at the last
+  evaluation, every seed's clients in one box);
+- ``<out>/tb/<method>/s<seed>``: a relative link to each run's TensorBoard folder
+  (``<run>/tb``), so ``tensorboard --logdir <out>`` shows every method and seed side by side
+  while the runs stay where they are (TensorBoard follows the links; a resumed run's files
+  appear through them as they grow);
 - ``docs/results/<name>.json``, the same figures for machines: each method's global,
   personalised and cold-start accuracy at the label-free variant the run reported and
   unadapted (``raw``), with the config, its hash, rounds and seeds;
@@ -25,9 +34,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+from time import monotonic
 from typing import Any
 
 import numpy as np
@@ -36,6 +47,7 @@ from .algorithms import REGISTRY as ALGORITHMS
 from .config import load_config, method_only_keys, saved_config
 from .fileio import atomic_write, read_jsonl
 from .report import KINDS, METRICS, comparison_markdown, method_record, write_results_doc
+from .server.callbacks.tensorboard import TB_DIR
 from .simulate import parse_overrides
 
 
@@ -136,12 +148,61 @@ def methods_from_file(path: str) -> list[str]:
     return methods
 
 
-def plot(curves: dict[str, list[list[dict[str, Any]]]], path: Path) -> None:
+def duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m {seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class Progress:
+    """One line per finished run: done/total and the time left, estimated from the mean time
+    of the runs this invocation ran (a run finished earlier counts as done, not in the mean)."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.times = total, 0, []
+
+    def finished(self, name: str, seconds: float | None) -> str:
+        """``seconds``: how long the run took here, None when it had finished earlier."""
+        self.done += 1
+        if seconds is not None:
+            self.times.append(seconds)
+        left = self.total - self.done
+        took = "finished earlier" if seconds is None else f"took {duration(seconds)}"
+        if not left:
+            eta = "all runs done"
+        elif self.times:
+            mean = float(np.mean(self.times))
+            eta = f"about {duration(mean * left)} left ({left} more at {duration(mean)} each)"
+        else:
+            eta = f"{left} more; time left unknown until one runs here"
+        return f"[compare] {self.done}/{self.total} done: {name} {took}; {eta}"
+
+
+def link_tensorboard(out: Path, label: str, summaries: list[dict[str, Any]]) -> None:
+    """``<out>/tb/<label>/s<seed>`` -> the run's ``tb/`` (relative, so a copied results folder
+    keeps working); a run without event files (written before they existed) gets no link."""
+    for summary in summaries:
+        target = Path(summary["run_dir"]) / TB_DIR
+        link = out / TB_DIR / label / f"s{summary['seed']}"
+        if not target.is_dir() or (link.exists() and not link.is_symlink()):
+            continue
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.unlink(missing_ok=True)
+        link.symlink_to(os.path.relpath(target.resolve(), link.parent.resolve()), target_is_directory=True)
+
+
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot(curves: dict[str, list[list[dict[str, Any]]]], path: Path) -> None:
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, metric in zip(axes, METRICS):
         key = metric.key
@@ -158,6 +219,29 @@ def plot(curves: dict[str, list[list[dict[str, Any]]]], path: Path) -> None:
     axes[0].legend()
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
+
+
+def plot_per_client(curves: dict[str, list[list[dict[str, Any]]]], path: Path) -> Path | None:
+    """One box per method: the personalised accuracy of each client at each seed's last
+    evaluation (``personalized_accuracy_per_client``), the points on top; None when no run has them."""
+    data = {label: [100 * v for run in runs if run for v in run[-1].get("personalized_accuracy_per_client", [])]
+            for label, runs in curves.items()}
+    data = {label: values for label, values in data.items() if values}
+    if not data:
+        return None
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(data) + 2), 4))
+    ax.boxplot(list(data.values()), showfliers=False)
+    jitter = np.random.default_rng(0)
+    for i, values in enumerate(data.values(), start=1):
+        ax.scatter(i + jitter.uniform(-0.15, 0.15, len(values)), values, s=10, alpha=0.6, color="tab:blue")
+    ax.set_xticks(range(1, len(data) + 1), [f"{label}\n(n={len(v)})" for label, v in data.items()], rotation=20)
+    ax.set_ylabel("personalised accuracy %")
+    ax.set_title("Personalised accuracy per client at the last evaluation (n: clients × seeds)")
+    ax.grid(alpha=0.3, axis="y")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -214,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         args.methods = methods_from_file(args.methods_file)
     methods = [(spec, *parse_method(spec)) for spec in args.methods]
     records, curves = {}, {}
+    progress = Progress(len(methods) * len(args.seeds))
     for spec, label, overrides in methods:
         if args.report_only:
             summaries = [s for s in (finished(run_dir(results_dir, stem, label, seed)) for seed in args.seeds) if s]
@@ -222,10 +307,15 @@ def main(argv: list[str] | None = None) -> int:
             if not summaries:
                 continue
         else:
-            summaries = [run_one(args.config, label, {**common, **overrides}, seed, results_dir, [])
-                         for seed in args.seeds]
+            summaries = []
+            for seed in args.seeds:
+                out_run, started = run_dir(results_dir, stem, label, seed), monotonic()
+                earlier = finished(out_run) is not None
+                summaries.append(run_one(args.config, label, {**common, **overrides}, seed, results_dir, []))
+                print(progress.finished(out_run.name, None if earlier else monotonic() - started), flush=True)
         records[label] = {"spec": spec, **method_record(summaries, cfg.num_clients)}
         curves[label] = [read_jsonl(Path(s["run_dir"]) / "metrics.jsonl") for s in summaries]
+        link_tensorboard(out, label, summaries)
     doc = {"name": name, "kind": args.kind,
            "title": args.title or "", "config": args.config, "config_hash": config_hash(args.config, common),
            "overrides": args.set, "methods_file": args.methods_file, "rounds": cfg.num_rounds,
@@ -237,8 +327,12 @@ def main(argv: list[str] | None = None) -> int:
             f"Command: `{doc['command']}`\n\n" + comparison_markdown(doc))
     atomic_write(out / "comparison.md", text)
     plot(curves, out / "curves.png")
+    per_client = plot_per_client(curves, out / "per_client.png")
     print(text)
-    print(f"[compare] wrote {out / 'comparison.md'} and {out / 'curves.png'}")
+    print(f"[compare] wrote {out / 'comparison.md'}, {out / 'curves.png'}"
+          + (f", {per_client}" if per_client else " (no per-client accuracies: per_client.png not written)"))
+    if (out / TB_DIR).is_dir():
+        print(f"[compare] TensorBoard, every method and seed: tensorboard --logdir {out}")
     if not args.no_docs and records:
         path = atomic_write(docs_dir / f"{doc['name']}.json", json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
         print(f"[compare] wrote {path} and {write_results_doc(docs_dir, results_doc)}")

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .fileio import atomic_write, read_jsonl
+from .server.callbacks.summary import best_round
 
 
 class Metric(NamedTuple):
@@ -82,6 +83,19 @@ def finite_or_none(value: float, digits: int) -> float | None:
     return None if not np.isfinite(value) else round(float(value), digits)
 
 
+def best_record(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per headline metric, each seed's best evaluated value (metrics.jsonl): mean ± std over
+    seeds, and the round of each seed's best in seed order (None: that seed never measured it)."""
+    bests = [best_round(read_jsonl(Path(s["run_dir"]) / "metrics.jsonl")) for s in summaries if "run_dir" in s]
+    out = {}
+    for metric in METRICS:
+        found = [b.get(metric.key) for b in bests]
+        if any(found):
+            out[metric.name] = {**stats([f["value"] if f else None for f in found]),
+                                "rounds": [f["round"] if f else None for f in found]}
+    return out
+
+
 def method_record(summaries: list[dict[str, Any]], num_clients: int) -> dict[str, Any]:
     """One method's entry of docs/results/<name>.json, from its finished runs (one per seed)."""
     finals = [s.get("final", {}) for s in summaries]
@@ -93,6 +107,7 @@ def method_record(summaries: list[dict[str, Any]], num_clients: int) -> dict[str
         record[metric.name] = {**stats([f.get(metric.key) for f in finals]), "variant": "/".join(names) or "none"}
         raw[metric.name] = {**stats([value for _, value in picked]), "variant": "none"}
     record["raw"] = raw
+    record["best"] = best_record(summaries)
     keys = sorted({f"{m.key}_{name}" for f in finals for m in METRICS if m.key != "personalized_accuracy"
                    for name in measured_variants(f, m.key)})
     record["variants"] = {k: stats([f.get(k) for f in finals]) for k in keys}
@@ -136,6 +151,22 @@ def table(methods: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def best_table(methods: dict[str, dict[str, Any]]) -> str:
+    """The best evaluated round of each method: each seed's best, mean ± std over seeds, and
+    the round of each seed's best ("" when no method has a ``best`` block)."""
+    if not any(r.get("best") for r in methods.values()):
+        return ""
+    lines = ["| method | " + " | ".join(f"best {m.title} acc. % (round per seed)" for m in METRICS) + " |",
+             "|" + "---|" * (len(METRICS) + 1)]
+    for label, r in methods.items():
+        if r.get("best"):
+            cells = [r["best"].get(m.name) for m in METRICS]
+            lines.append(f"| {label} | " + " | ".join(
+                "n/a" if not c else f"{mean_std(c)} ({', '.join('n/a' if n is None else str(n) for n in c['rounds'])})"
+                for c in cells) + " |")
+    return "\n".join(lines)
+
+
 def variants_table(methods: dict[str, dict[str, Any]]) -> str:
     """Every variant a run reported besides its configured one, from the same run and model:
     the other global model (raw / balanced) and each cold-start adaptation on and off."""
@@ -154,6 +185,10 @@ def comparison_markdown(doc: dict[str, Any]) -> str:
     """The tables of one comparison (comparison.md and its section of docs/RESULTS.md)."""
     methods = doc.get("methods", {})
     text = table(methods) + "\n"
+    best = best_table(methods)
+    if best:
+        text += ("\nBest evaluated round (each seed's best evaluation, % mean ± std over seeds; in brackets the "
+                 "round of each seed's best, in seed order):\n\n" + best + "\n")
     groups: dict[str, list[str]] = {}
     for label, r in methods.items():
         used = ", ".join(f"{m.title} {r[m.name]['variant']}" for m in METRICS

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from fedcoe_flwr.compare import config_hash, main, methods_from_file, parse_method, refuse_if_stale, stale_keys
+from fedcoe_flwr import compare
+from fedcoe_flwr.compare import (Progress, config_hash, finished, main, methods_from_file, parse_method,
+                                 refuse_if_stale, run_dir, stale_keys)
 from fedcoe_flwr.config import load_config
 from fedcoe_flwr.report import (label_free_variant, method_record, seconds_per_round, table, variants_table,
                                 write_results_doc)
@@ -116,16 +118,17 @@ COMPARE_CONFIG = "configs/compare_cifar10_dir0.1.yaml"
 WIDE = "fedcoe_wide:algorithm=fedcoe,width_multiplier=1.0,cnn_hidden=128"
 
 
-def finished_run(results: Path, spec: str, seed: int, final: dict) -> None:
+def finished_run(results: Path, spec: str, seed: int, final: dict, earlier: dict | None = None) -> dict:
     """A run as the simulation leaves it: summary.json (status finished, its config), metrics.jsonl
-    (one line per evaluation, the last equal to the summary's final), rounds.jsonl."""
+    (one line per evaluation: round 10 with half the final accuracies updated by ``earlier``, then
+    round 20 equal to the summary's final), rounds.jsonl, an (empty) tb/ folder."""
     label, overrides = parse_method(spec)
     final = dict(final)
     final["global_accuracy_source"] = final.pop("source")
     run = results / f"{Path(COMPARE_CONFIG).stem}-{label}-s{seed}"
-    run.mkdir(parents=True)
+    (run / "tb").mkdir(parents=True)
     config = load_config(COMPARE_CONFIG, {**overrides, "seed": seed}).to_dict()
-    first = {k: v / 2 for k, v in final.items() if k.endswith("accuracy")}  # an earlier evaluation
+    first = {**{k: v / 2 for k, v in final.items() if k.endswith("accuracy")}, **(earlier or {})}
     (run / "metrics.jsonl").write_text(json.dumps({"round": 10, **first}) + "\n"
                                        + json.dumps({"round": 20, **final}) + "\n")
     (run / "rounds.jsonl").write_text("".join(json.dumps({"round": r, "time_s": 2.0}) + "\n" for r in range(1, 21)))
@@ -134,6 +137,7 @@ def finished_run(results: Path, spec: str, seed: int, final: dict) -> None:
         "final": {**final, "round": 20},
         "rounds_completed": 20, "wall_time_s": 300.0,
         "communication": {"bytes_down": 20 * 20 * 3e6, "bytes_up": 20 * 20 * 1e6, "bytes_p2p_relayed": 0}}))
+    return {**json.loads((run / "summary.json").read_text()), "run_dir": str(run)}
 
 
 def test_report_writes_the_json_and_regenerates_results_md(tmp_path):
@@ -143,9 +147,11 @@ def test_report_writes_the_json_and_regenerates_results_md(tmp_path):
             "global_accuracy": g, "global_accuracy_raw": raw, "personalized_accuracy": 0.8,
             "personalized_accuracy_mean": 0.7, "personalized_accuracy_p10": 0.5, "coldstart_accuracy": 0.6,
             "coldstart_accuracy_em": 0.6, "coldstart_accuracy_em_uniform": 0.35, "coldstart_accuracy_plain": 0.3,
-            "expert_class_mi_bits": mi, "source": "global model"})
+            "expert_class_mi_bits": mi, "source": "global model", "personalized_accuracy_per_client": [0.7, 0.9]})
+        # fedavg seed 1 was better at round 10 than at the end
         finished_run(results, "fedavg", seed, {"global_accuracy": 0.41, "personalized_accuracy": 0.45 + 0.01 * seed,
-                                               "coldstart_accuracy": 0.29, "source": "global model"})
+                                               "coldstart_accuracy": 0.29, "source": "global model"},
+                     earlier={"personalized_accuracy": 0.5} if seed else None)
     docs.mkdir(parents=True)
     (docs / "_intro.md").write_text("What these tables are.\n")
     (docs / "compare_cifar10_dir0.1.md").write_text("Reading the comparison.\n")
@@ -173,6 +179,20 @@ def test_report_writes_the_json_and_regenerates_results_md(tmp_path):
     assert "expert_class_mi_bits" not in fedavg
     # (3 + 1) MB per round over 20 clients; 2 s per training round
     assert fedavg["mb_per_client_per_round"] == pytest.approx(4.0) and fedavg["s_per_round"] == 2.0
+    # best evaluated round: each seed's best, and its round
+    assert fedavg["best"]["personalised"] == {"mean": pytest.approx(47.5), "std": pytest.approx(2.5),
+                                              "rounds": [20, 10]}
+    assert fedavg["best"]["global"] == {"mean": pytest.approx(41.0), "std": 0.0, "rounds": [20, 20]}
+    comparison = (results / "compare-compare_cifar10_dir0.1" / "comparison.md").read_text()
+    assert "| fedavg | 41.00 ± 0.00 (20, 20) | 47.50 ± 2.50 (20, 10) | 29.00 ± 0.00 (20, 20) |" in comparison
+    # the per-client plot beside curves.png, and one TensorBoard log directory over every method and seed
+    out = results / "compare-compare_cifar10_dir0.1"
+    assert (out / "per_client.png").stat().st_size > 0 and (out / "curves.png").is_file()
+    links = sorted(p.relative_to(out / "tb").as_posix() for p in (out / "tb").glob("*/*"))
+    assert links == ["fedavg/s0", "fedavg/s1", "fedcoe_wide/s0", "fedcoe_wide/s1"]
+    for link in (out / "tb").glob("*/*"):
+        assert link.is_symlink() and not Path(link.readlink()).is_absolute()
+    assert (out / "tb" / "fedavg" / "s1").resolve() == (results / "compare_cifar10_dir0.1-fedavg-s1" / "tb").resolve()
 
     text = doc_path.read_text()
     lines = text.splitlines()
@@ -198,6 +218,46 @@ def test_report_writes_the_json_and_regenerates_results_md(tmp_path):
     (docs / "bad.json").write_text(json.dumps({"kind": "guess", "methods": {}}))
     with pytest.raises(SystemExit, match=r"bad.json: unknown kind 'guess'"):
         main(["--regenerate-docs", "--docs-dir", str(docs), "--results-doc", str(doc_path)])
+
+
+def test_progress_counts_skipped_runs_as_done_but_not_in_the_estimate():
+    progress = Progress(4)
+    assert progress.finished("a-s0", None) == \
+        "[compare] 1/4 done: a-s0 finished earlier; 3 more; time left unknown until one runs here"
+    assert progress.finished("a-s1", 100.0) == \
+        "[compare] 2/4 done: a-s1 took 1m 40s; about 3m 20s left (2 more at 1m 40s each)"
+    assert progress.finished("b-s0", 3800.0) == \
+        "[compare] 3/4 done: b-s0 took 1h 03m; about 32m 30s left (1 more at 32m 30s each)"
+    assert progress.finished("b-s1", None).endswith("b-s1 finished earlier; all runs done")
+
+
+def test_compare_prints_a_progress_line_per_run(tmp_path, monkeypatch, capsys):
+    results = tmp_path / "results"
+    finished_run(results, "fedavg", 0, {"global_accuracy": 0.4, "personalized_accuracy": 0.5,
+                                        "coldstart_accuracy": 0.3, "source": "global model"})
+    ran = []
+
+    def fake_run_one(config, label, overrides, seed, results_dir, extra):  # as run_one: a finished run is reused
+        done = finished(run_dir(results_dir, Path(config).stem, label, seed))
+        if done:
+            return done
+        ran.append((label, seed))
+        return finished_run(results_dir, label, seed, {"global_accuracy": 0.4, "personalized_accuracy": 0.5,
+                                                       "coldstart_accuracy": 0.3, "source": "global model"})
+
+    clock = iter(range(0, 1000, 30))  # every run here takes 30 s
+    monkeypatch.setattr(compare, "run_one", fake_run_one)
+    monkeypatch.setattr(compare, "monotonic", lambda: next(clock))
+    assert main(["--config", COMPARE_CONFIG, "--seeds", "0", "1", "--methods", "fedavg", "fedprox",
+                 "--results-dir", str(results), "--no-docs"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if " done: " in line]
+    stem = "compare_cifar10_dir0.1"
+    assert lines == [f"[compare] 1/4 done: {stem}-fedavg-s0 finished earlier; 3 more; time left unknown until one "
+                     "runs here",
+                     f"[compare] 2/4 done: {stem}-fedavg-s1 took 30s; about 1m 00s left (2 more at 30s each)",
+                     f"[compare] 3/4 done: {stem}-fedprox-s0 took 30s; about 30s left (1 more at 30s each)",
+                     f"[compare] 4/4 done: {stem}-fedprox-s1 took 30s; all runs done"]
+    assert ran == [("fedavg", 1), ("fedprox", 0), ("fedprox", 1)]
 
 
 def test_committed_results_md_is_what_the_generator_makes(tmp_path):
@@ -233,8 +293,12 @@ def test_compare_runs_skips_and_writes_the_table(tmp_path):
     assert doc["methods"]["fedavg"]["global"]["mean"] == pytest.approx(acc, abs=1e-3)
     assert f"| fedavg | {acc:.2f} ± 0.00 |" in (tmp_path / "RESULTS.md").read_text()
     assert (tmp_path / "compare-smoke" / "curves.png").is_file()
+    assert (tmp_path / "compare-smoke" / "per_client.png").is_file()
+    assert "[compare] 1/1 done: smoke-fedavg-s0 took " in first.stdout
+    assert list((tmp_path / "compare-smoke" / "tb" / "fedavg" / "s0").glob("events.out.tfevents.*"))
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "finished earlier, skipped" in again.stdout
+    assert "[compare] 1/1 done: smoke-fedavg-s0 finished earlier; all runs done" in again.stdout
     # --report-only runs nothing: a method never run is left out of the table
     report = subprocess.run(cmd[:cmd.index("fedavg")] + ["fedavg", "fedprox"] + cmd[cmd.index("fedavg") + 1:]
                             + ["--report-only"], capture_output=True, text=True, timeout=600)

@@ -27,7 +27,7 @@ from ..config import ExperimentConfig, checkpoint_keys, saved_config
 from ..data import federation_classes
 from ..models import pick_device
 from ..records import ARRAYS, METRICS, array_bytes, experiment_record, from_array_record
-from .callbacks import Callback, CheckpointError, Checkpoints, MetricsFiles, Plots, Summary
+from .callbacks import Callback, CheckpointError, Checkpoints, MetricsFiles, Plots, Summary, TensorBoard
 from .callbacks.checkpoint import load_checkpoint, runs_with_checkpoints
 from .evaluation import Evaluator
 from .messages import Messenger
@@ -62,7 +62,8 @@ class RoundLoop:
         self.evaluator = Evaluator(cfg, self.algorithm, self.messenger, self.nodes, self.num_classes, self.device)
         self.checkpoints = Checkpoints(self.run_dir.path, cfg.keep_checkpoints)
         self.callbacks = callbacks if callbacks is not None else [
-            MetricsFiles(self.run_dir.path), Summary(self.run_dir.path), Plots(self.run_dir.path), self.checkpoints]
+            MetricsFiles(self.run_dir.path), Summary(self.run_dir.path), Plots(self.run_dir.path),
+            TensorBoard(self.run_dir.path), self.checkpoints]  # checkpoints last: a round is on disk before it
         self.has_trained: set[int] = set()
         self.segments: list[dict[str, Any]] = []  # one per process that ran part of this run
         self.failure: dict[str, Any] | None = None

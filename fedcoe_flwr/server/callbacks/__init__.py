@@ -6,5 +6,6 @@ from .checkpoint import Checkpoints, CheckpointError
 from .metrics_files import MetricsFiles
 from .plots import Plots
 from .summary import Summary
+from .tensorboard import TensorBoard
 
-__all__ = ["Callback", "Checkpoints", "CheckpointError", "MetricsFiles", "Plots", "Summary"]
+__all__ = ["Callback", "Checkpoints", "CheckpointError", "MetricsFiles", "Plots", "Summary", "TensorBoard"]
