@@ -14,7 +14,7 @@ from fedcoe_flwr.fileio import read_jsonl
 from fedcoe_flwr.server.callbacks.summary import best_round
 from fedcoe_flwr.server.callbacks.tensorboard import TB_DIR, accuracy_tag, evaluation_scalars, round_scalars
 from fedcoe_flwr.server.loop import RoundLoop
-from test_onboard import InProcessGrid
+from harness import InProcessGrid
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,42 @@
+"""The comparison runner end to end: real simulations, skipped finished runs, the table,
+the plots, the TensorBoard links and the progress lines."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import pytest
+COMPARE_CONFIG = "configs/compare_cifar10_dir0.1.yaml"
+WIDE = "fedcoe_wide:algorithm=fedcoe,width_multiplier=1.0,cnn_hidden=128"
+
+
+@pytest.mark.slow
+def test_compare_runs_skips_and_writes_the_table(tmp_path):
+    cmd = [sys.executable, "-m", "fedcoe_flwr.compare", "--config", "configs/smoke.yaml", "--seeds", "0",
+           "--methods", "fedavg", "--set", "num_rounds=1", "--results-dir", str(tmp_path),
+           "--docs-dir", str(tmp_path / "docs"), "--results-doc", str(tmp_path / "RESULTS.md")]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    summary = json.loads((tmp_path / "smoke-fedavg-s0" / "summary.json").read_text())
+    assert summary["status"] == "finished"
+    md = (tmp_path / "compare-smoke" / "comparison.md").read_text()
+    acc = 100 * summary["final"]["global_accuracy"]
+    assert f"| fedavg | {acc:.2f} ± 0.00 |" in md
+    doc = json.loads((tmp_path / "docs" / "smoke.json").read_text())
+    assert doc["methods"]["fedavg"]["global"]["mean"] == pytest.approx(acc, abs=1e-3)
+    assert f"| fedavg | {acc:.2f} ± 0.00 |" in (tmp_path / "RESULTS.md").read_text()
+    assert (tmp_path / "compare-smoke" / "curves.png").is_file()
+    assert (tmp_path / "compare-smoke" / "per_client.png").is_file()
+    assert "[compare] 1/1 done: smoke-fedavg-s0 took " in first.stdout
+    assert list((tmp_path / "compare-smoke" / "tb" / "fedavg" / "s0").glob("events.out.tfevents.*"))
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "finished earlier, skipped" in again.stdout
+    assert "[compare] 1/1 done: smoke-fedavg-s0 finished earlier; all runs done" in again.stdout
+    # --report-only runs nothing: a method never run is left out of the table
+    report = subprocess.run(cmd[:cmd.index("fedavg")] + ["fedavg", "fedprox"] + cmd[cmd.index("fedavg") + 1:]
+                            + ["--report-only"], capture_output=True, text=True, timeout=600)
+    assert report.returncode == 0 and "running" not in report.stdout
+    md = (tmp_path / "compare-smoke" / "comparison.md").read_text()
+    assert "| fedavg |" in md and "| fedprox |" not in md
+    assert not (tmp_path / "smoke-fedprox-s0").exists()
