@@ -6,12 +6,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+
 import pytest
-COMPARE_CONFIG = "configs/compare_cifar10_dir0.1.yaml"
-WIDE = "fedcoe_wide:algorithm=fedcoe,width_multiplier=1.0,cnn_hidden=128"
 
 
-@pytest.mark.slow
 def test_compare_runs_skips_and_writes_the_table(tmp_path):
     cmd = [sys.executable, "-m", "fedcoe_flwr.compare", "--config", "configs/smoke.yaml", "--seeds", "0",
            "--methods", "fedavg", "--set", "num_rounds=1", "--results-dir", str(tmp_path),
