@@ -17,7 +17,7 @@ from fedcoe_flwr.algorithms import get_algorithm
 from fedcoe_flwr.algorithms import fedmoe_da as da
 from fedcoe_flwr.algorithms import pfedmoe as pm
 from fedcoe_flwr.algorithms.base import Reply
-from fedcoe_flwr.algorithms.training import prefixed, state_of, unprefixed
+from fedcoe_flwr.algorithms.training import state_of, unprefixed
 from fedcoe_flwr.config import ConfigError, from_dict
 from fedcoe_flwr.data import ClientData, normalize
 from fedcoe_flwr.records import config_record, from_array_record, to_array_record
