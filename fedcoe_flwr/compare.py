@@ -41,14 +41,20 @@ from pathlib import Path
 from time import monotonic
 from typing import Any
 
+import matplotlib
 import numpy as np
+import yaml
 
 from .algorithms import REGISTRY as ALGORITHMS
+from .cli import user_errors
 from .config import load_config, method_only_keys, saved_config
 from .fileio import atomic_write, read_jsonl
 from .report import KINDS, METRICS, comparison_markdown, method_record, write_results_doc
 from .server.callbacks.tensorboard import TB_DIR
 from .simulate import parse_overrides
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after the headless backend is chosen)
 
 
 def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
@@ -138,8 +144,6 @@ def default_name(config: str, methods_file: str | None) -> str:
 # ------------------------------------------------------------ the command
 def methods_from_file(path: str) -> list[str]:
     """A YAML file with ``methods:`` (a list of method specs, as for --methods)."""
-    import yaml
-
     with open(path) as fh:
         data = yaml.safe_load(fh) or {}
     methods = data.get("methods") if isinstance(data, dict) else None
@@ -192,17 +196,7 @@ def link_tensorboard(out: Path, label: str, summaries: list[dict[str, Any]]) -> 
         link.symlink_to(os.path.relpath(target.resolve(), link.parent.resolve()), target_is_directory=True)
 
 
-def pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot(curves: dict[str, list[list[dict[str, Any]]]], path: Path) -> None:
-    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, metric in zip(axes, METRICS):
         key = metric.key
@@ -229,7 +223,6 @@ def plot_per_client(curves: dict[str, list[list[dict[str, Any]]]], path: Path) -
     data = {label: values for label, values in data.items() if values}
     if not data:
         return None
-    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(data) + 2), 4))
     ax.boxplot(list(data.values()), showfliers=False)
     jitter = np.random.default_rng(0)
@@ -340,4 +333,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with user_errors():
+        sys.exit(main())

@@ -29,7 +29,8 @@ from fedcoe_flwr.data import federation_classes, load_site_data
 from fedcoe_flwr.deploy.local import LocalDeployment, marked_processes, metrics_lines, run_status
 from fedcoe_flwr.deploy.sites import export_sites
 from fedcoe_flwr.predict import predict_folder
-from fedcoe_flwr.records import ARRAYS, CONFIG, EXPERIMENT, METRICS, config_record, experiment_record, to_array_record
+from fedcoe_flwr.records import (ARRAYS, CONFIG, EXPERIMENT, METRICS, config_record, experiment_record, tensors_crc,
+                                 to_array_record)
 from fedcoe_flwr.server.callbacks.checkpoint import to_payload
 from fedcoe_flwr.server.loop import RoundLoop
 
@@ -54,7 +55,7 @@ def sites(make_cfg, tmp_path, fresh_caches):
 def onboard_message(cfg, state, package_round=0) -> tuple[Message, dict]:
     algo = get_algorithm(cfg.algorithm)
     package, pconfig = onboard.coldstart_package(algo, state, cfg)
-    config = {**pconfig, "package_round": package_round, "package_crc": onboard.package_crc(package),
+    config = {**pconfig, "package_round": package_round, "package_crc": tensors_crc(package),
               "run_name": cfg.resolved_run_name}
     content = RecordDict({ARRAYS: to_array_record(package), CONFIG: config_record(config),
                           EXPERIMENT: experiment_record(cfg)})
@@ -154,7 +155,7 @@ def test_onboard_strategy_detects_a_joining_node_and_lets_it_train(sites, tmp_pa
     entries = strategy.check_new_nodes(grid, strategy.round, "before round 2")
     (entry,) = entries
     assert entry["status"] == "onboarded" and entry["node_id"] == 200 and entry["joined_as_client"] == 4
-    assert entry["package_crc"] == onboard.package_crc(onboard.coldstart_package(strategy.algorithm, strategy.state,
+    assert entry["package_crc"] == tensors_crc(onboard.coldstart_package(strategy.algorithm, strategy.state,
                                                                                cfg)[0])
     # what came back: no array or config record, only the routing row and the metrics
     assert entry["reply_records"] == {"arrays": [], "configs": [],
@@ -215,7 +216,7 @@ def offline_coldstart(checkpoint: Path, folder: Path) -> dict:
     algo = get_algorithm(cfg.algorithm)
     package, _ = onboard.coldstart_package(algo, ServerState(payload["arrays"], payload["extra"]), cfg)
     data = load_site_data(folder, cfg, need_train=False)
-    return {"crc": onboard.package_crc(package),
+    return {"crc": tensors_crc(package),
             **coldstart_evaluate(package, data, cfg, len(federation_classes(cfg)), CPU)}
 
 

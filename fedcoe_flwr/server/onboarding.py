@@ -48,12 +48,6 @@ class OnboardingError(RuntimeError):
     """A package cannot be built or a reply is not acceptable; the message says why."""
 
 
-def package_crc(arrays: Mapping[str, torch.Tensor]) -> int:
-    """The package's CRC-32: the same package gives the same number on the server, on the
-    node and in a test that rebuilds it from a checkpoint."""
-    return tensors_crc(arrays)
-
-
 def coldstart_package(algorithm: Algorithm, state: ServerState, cfg: ExperimentConfig
                       ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(arrays, payload config) a new node gets: the method's new-client model."""
@@ -142,7 +136,7 @@ class Onboarder:
         except OnboardingError as err:
             log(WARNING, "[onboard] %s", err)
             return []
-        crc = package_crc(package)
+        crc = tensors_crc(package)  # the node checks it on arrival
         config = {**pconfig, "server_round": package_round, "package_round": package_round, "package_crc": crc,
                   "run_name": self.cfg.resolved_run_name}
         content = RecordDict({ARRAYS: to_array_record(package), CONFIG: config_record(config),
