@@ -10,6 +10,8 @@ training clients' private parts first)."""
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
@@ -35,6 +37,20 @@ from .nodes import FederationError, NodeDirectory
 from .onboarding import Onboarder
 from .run_dir import RunDirectory
 from .validation import validate_reply
+
+
+class Terminated(SystemExit):
+    """SIGTERM (an operator's kill, a container stop): the run ends as ``interrupted``."""
+
+
+def stop_on_sigterm() -> None:
+    """Turn SIGTERM into an exception in the server's main thread, so that the summary and
+    the last checkpoint are written as on any other stop (elsewhere the default applies)."""
+    if threading.current_thread() is threading.main_thread():
+        def handler(signum: int, frame: Any) -> None:
+            raise Terminated(f"signal {signum}")
+
+        signal.signal(signal.SIGTERM, handler)
 
 
 def error_text(reply: Message) -> str:
@@ -257,6 +273,7 @@ class RoundLoop:
             self.algorithm.describe(cfg), self.device, self.run_dir.path)
         if cfg.resume or cfg.resume_from:
             self.resume_point()
+        stop_on_sigterm()
         self.segments.append({"started_at": self.run_dir.started, "from_round": self.round, "wall_time_s": 0.0})
         status = "running"
         try:
@@ -279,8 +296,7 @@ class RoundLoop:
                     callback.on_round_end(self)
             status = "finished"
         except BaseException as err:
-            status = "interrupted" if isinstance(err, (KeyboardInterrupt, SystemExit)) else \
-                f"failed: {type(err).__name__}: {err}"
+            status = "interrupted"  # resume=true continues it from the last finished round
             self.failure = {**(self.failure or {}), "error": f"{type(err).__name__}: {err}",
                             "last_finished_round": self.round}
             log(ERROR, "[fedcoe] run stopped at round %d: %s", self.round + 1, err)

@@ -46,13 +46,12 @@ def absolute_paths(cfg: ExperimentConfig, base: Path) -> ExperimentConfig:
 def check_global_test(cfg: ExperimentConfig, mode: Mode) -> None:
     """A server that evaluates the global model must be able to load the global test set:
     find out now, not after the first round (a deployed server may not hold the data set)."""
-    if not get_algorithm(cfg.algorithm).has_global_model:
-        return  # the clients evaluate their own models on it (node config global-test-dir)
+    if not get_algorithm(cfg.algorithm).has_global_model and mode == "deployment":
+        return  # each site evaluates its own model on it (node config global-test-dir)
     try:
         load_global_test(cfg, mode=mode)
     except DataError as err:
-        raise DataError(f"the server computes global accuracy on the global test set but cannot load it: {err}") \
-            from err
+        raise DataError(f"global accuracy is computed on the global test set, which cannot be loaded: {err}") from err
 
 
 def check_device(cfg: ExperimentConfig) -> None:

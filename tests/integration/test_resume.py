@@ -5,6 +5,8 @@ trained in the round that was lost."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from flwr.supercore.task_identity import TaskIdentity
@@ -37,7 +39,13 @@ def test_resumed_run_equals_the_uninterrupted_run(make_cfg, tmp_path, fresh_cach
     whole, whole_grid = run(cfg, "whole")
     with pytest.raises(ConnectionError):
         run(cfg, "cut", fail_on=(phase, 4 if phase == "evaluate" else 3))
+    cut = json.loads((tmp_path / "results" / "cut" / "summary.json").read_text())
+    assert cut["status"] == "interrupted" and "died during" in cut["failure"]["error"]
+    assert cut["failure"]["last_finished_round"] == (3 if phase == "evaluate" else 2)
     resumed, resumed_grid = run(cfg, "cut", run_id=8, resume=True)
+    summary = json.loads((tmp_path / "results" / "cut" / "summary.json").read_text())
+    assert summary["status"] == "finished" and len(summary["segments"]) == 2
+    assert summary["wall_time_s"] >= sum(s["wall_time_s"] for s in summary["segments"][:1])
     assert resumed.round == whole.round == 4
     assert whole.state.arrays.keys() == resumed.state.arrays.keys()
     for key, value in whole.state.arrays.items():

@@ -58,5 +58,5 @@ def test_node_count_mismatch_is_reported(tmp_path):
         simulate(tmp_path, num_supernodes=3)
     out = tmp_path / "sim"
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["status"].startswith("failed")
-    assert "num-supernodes=5" in summary["status"]
+    assert summary["status"] == "interrupted" and summary["rounds_completed"] == 0
+    assert "num-supernodes=5" in summary["failure"]["error"]
