@@ -45,6 +45,8 @@ SUPERNODE_MAX_WAIT_S = 300
 # "database is locked" (docs/DEPLOYMENT.md, pitfalls).
 SUPERNODE_NICENESS = 10
 POLL_S = 2.0  # between two `flwr supernode list` calls (each is a Python start-up and a SuperLink query)
+STATUS_POLL_S = 20.0  # between two `flwr ls` calls while the ServerApp still runs
+CLI_ATTEMPTS = 3  # a `flwr` query that fails this many times in a row ends the wait
 
 
 class DeploymentError(RuntimeError):
@@ -221,16 +223,25 @@ class LocalDeployment:
 
     def wait_online(self, count: int, since: Mapping[int, str] | None = None, timeout: float = 120.0,
                     watch: Mapping[int, Proc] | None = None) -> dict[int, dict[str, Any]]:
-        """Wait until ``count`` nodes are online, each (if ``since`` names it) with an activation
-        time other than the one in ``since`` (node id -> `online-at`): it came back. Stops
-        early when a process in ``watch`` exits. Returns the node list."""
+        """Wait until at least ``count`` nodes are online and every node named in ``since``
+        (node id -> its `online-at` before) is online with another activation time: it came
+        (back) online. Stops early when a process in ``watch`` exits. Returns the node list."""
         deadline = time.time() + timeout
         since = dict(since or {})
+        refused = 0
         while True:
-            nodes = self.node_status()
-            online = [i for i, n in nodes.items() if n["status"] == "online"
-                      and (i not in since or n["online-at"] != since[i])]
-            if len(online) >= count:
+            try:
+                nodes, refused = self.node_status(), 0
+            except DeploymentError as err:  # e.g. "database is locked" on a loaded SuperLink
+                refused += 1
+                if refused >= CLI_ATTEMPTS or time.time() > deadline:
+                    raise
+                self.echo(f"[deploy] {err}; asking again")
+                time.sleep(POLL_S)
+                continue
+            online = [i for i, n in nodes.items() if n["status"] == "online"]
+            back = all(i in online and nodes[i]["online-at"] != before for i, before in since.items())
+            if len(online) >= count and back:
                 return nodes
             for proc in (watch or {}).values():
                 if not proc.alive():
@@ -304,7 +315,7 @@ class LocalDeployment:
         t0 = time.time()
         self.stop_supernode(index)
         self.start_supernode(index)
-        self.wait_online(1, since={node_id: before}, timeout=timeout, watch={index: self.nodes[index]})
+        self.wait_online(0, since={node_id: before}, timeout=timeout, watch={index: self.nodes[index]})
         return time.time() - t0
 
     def start_supernodes(self, timeout: float = 120.0) -> None:
@@ -324,14 +335,16 @@ class LocalDeployment:
         index = max([self.num_nodes + self.unregistered - 1, *self.nodes, *self.extra_sites]) + 1
         self.extra_sites[index] = (name or f"new-site-{index}", str(Path(data_dir).resolve()))
         online_before = sum(n["status"] == "online" for n in self.node_status().values())
+        since: dict[int, str] = {}
         if self.tls:
             if not self.key(index).is_file():
                 self._run_make_certs(index + 1)
             node_id = self.register(index)
+            since[node_id] = "N/A"  # a key registered just now has never been online
             self.echo(f"[deploy] registered {self.key(index)}.pub as SuperNode {node_id} ({self.site_name(index)})")
         t0 = time.time()
         proc = self.start_supernode(index)
-        self.wait_online(online_before + 1, timeout=timeout, watch={index: proc})
+        self.wait_online(0 if since else online_before + 1, since=since, timeout=timeout, watch={index: proc})
         self.timings[f"{self.site_name(index)}_online_s"] = round(time.time() - t0, 2)
         self.echo(f"[deploy] new site {self.site_name(index)} online after {time.time() - t0:.1f}s "
                   f"(data {data_dir}, log {proc.log})")
@@ -398,25 +411,33 @@ class LocalDeployment:
                         f"{k}={line.get(k)}" for k in ("global_accuracy", "personalized_accuracy", "coldstart_accuracy")))
             self._echoed[name] = len(lines)
 
-    def _follow(self, done: Callable[[], bool] | None, what: str, timeout: float, status_every: float) -> str:
+    def _follow(self, done: Callable[[], bool] | None, what: str, timeout: float) -> str:
         """Echo progress until ``done()`` (None: until the run ends). Flower is asked for the
-        run's status every ``status_every`` seconds and as soon as summary.json changes.
-        Returns the last status seen; raises when the run ends (or ``timeout`` passes) first."""
-        deadline, asked, status = time.time() + timeout, 0.0, "unknown"
-        summary_seen = run_status(self.results_dir)
+        run's status (`flwr ls`, a Python start-up each time) every STATUS_POLL_S seconds, and
+        every few seconds once summary.json says the ServerApp has stopped. Returns the last
+        status seen; raises when the run ends (or ``timeout`` passes) first."""
+        deadline, asked, status, refused = time.time() + timeout, 0.0, "unknown", 0
         while True:
             self._echo_progress()
             if done is not None and done():
                 return status
-            summary_now = run_status(self.results_dir)
-            if time.time() - asked >= status_every or summary_now != summary_seen:
-                summary_seen, asked, status = summary_now, time.time(), self.run_status()
+            server_stopped = run_status(self.results_dir) not in ("running", "no summary")
+            if time.time() - asked >= (3.0 if server_stopped else STATUS_POLL_S):
+                asked = time.time()
+                try:
+                    status, refused = self.run_status(), 0
+                except DeploymentError as err:  # e.g. "database is locked" on a loaded SuperLink
+                    refused += 1
+                    if refused >= CLI_ATTEMPTS:
+                        raise
+                    self.echo(f"[deploy] {err}; asking again")
+                    continue
                 if status.startswith("finished"):
                     self._echo_progress()
                     if done is None or done():
                         return status
                     raise DeploymentError(f"run {self.run_id} ended ({status}) before {what}; "
-                                          f"summary.json says {summary_now}")
+                                          f"summary.json says {run_status(self.results_dir)}")
             if time.time() > deadline:
                 raise DeploymentError(f"no {what} within {timeout:.0f}s (run {self.run_id} is {status})")
             time.sleep(0.5)
@@ -424,14 +445,14 @@ class LocalDeployment:
     def wait_run(self, timeout: float) -> str:
         """Wait until the run ends, then save its ServerApp log (``fetch_log``). Returns its
         status as Flower reports it (`finished:completed`, `finished:failed`, ...)."""
-        status = self._follow(None, "end of the run", timeout, status_every=5.0)
+        status = self._follow(None, "end of the run", timeout)
         self.timings["run_s"] = round(time.time() - self.timings["run_started"], 2)
         self.fetch_log()
         return status
 
     def wait_until(self, done: Callable[[], bool], what: str, timeout: float) -> None:
         """Wait, while the run goes on, until ``done()`` (e.g. a round in rounds.jsonl)."""
-        self._follow(done, what, timeout, status_every=15.0)
+        self._follow(done, what, timeout)
 
     def wait_rounds(self, count: int, timeout: float) -> None:
         """Wait until the server has aggregated ``count`` training rounds (rounds.jsonl)."""
