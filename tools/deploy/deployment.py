@@ -28,7 +28,7 @@ from fedcoe_flwr.config import config_from_run_config
 
 from .flower import FlowerCli, FlowerCliError
 from .processes import MARK_ENV, Proc, free_port, kill_tree, port_open, spawn, stop_group, sweep, tail
-from .results import metrics_lines, round_lines, rounds_done, run_status
+from .results import format_metrics, metrics_lines, round_lines, rounds_done, run_status
 from .sites import SiteFolders, export_sites, format_node_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -407,8 +407,7 @@ class LocalDeployment:
                     self.echo(f"[round {line['round']}] train_loss={line['train_loss']:.4f} "
                               f"replies={line['replies']}/{line['clients']} ({line['time_s']:.1f}s)")
                 else:
-                    self.echo(f"[round {line['round']}] " + " ".join(
-                        f"{k}={line.get(k)}" for k in ("global_accuracy", "personalized_accuracy", "coldstart_accuracy")))
+                    self.echo(f"[round {line['round']}] {format_metrics(line)}")
             self._echoed[name] = len(lines)
 
     def _follow(self, done: Callable[[], bool] | None, what: str, timeout: float) -> str:

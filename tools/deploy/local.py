@@ -35,7 +35,7 @@ from fedcoe_flwr.simulate import parse_overrides
 
 from .deployment import ROOT, DeploymentError, LocalDeployment
 from .processes import tail
-from .results import metrics_lines, run_status
+from .results import format_metrics, metrics_lines, run_status
 
 FINISHED = "finished:completed"
 
@@ -133,8 +133,7 @@ def train_main(args: argparse.Namespace) -> int:
     print(f"[deploy] run {dep.run_id}: Flower says {status}, the ServerApp's summary.json says {server_status}")
     if lines:
         last = lines[-1]
-        print(f"[deploy] results in {dep.results_dir}: round {last['round']} global={last.get('global_accuracy')} "
-              f"personalised={last.get('personalized_accuracy')} cold-start={last.get('coldstart_accuracy')}")
+        print(f"[deploy] results in {dep.results_dir}: round {last['round']} {format_metrics(last)}")
     print(f"[deploy] train phases {report['train_phase_s']} s; run {report['timings'].get('run_s')} s; "
           f"total {report['total_s']} s; report {dep.workdir / 'deployment.json'}")
     return 0 if status == FINISHED and server_status == "finished" else 1

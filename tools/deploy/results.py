@@ -34,3 +34,12 @@ def run_status(results: Path) -> str:
 def rounds_done(results: Path) -> int:
     """The last training round the server aggregated (0: none yet)."""
     return max((int(r["round"]) for r in round_lines(results)), default=0)
+
+
+def format_metrics(line: dict[str, Any]) -> str:
+    """One metrics.jsonl line as `global=... personalised=... cold-start=...`."""
+    def fmt(value: Any) -> str:
+        return "n/a" if value is None else f"{value:.4f}"
+
+    return (f"global={fmt(line.get('global_accuracy'))} personalised={fmt(line.get('personalized_accuracy'))} "
+            f"cold-start={fmt(line.get('coldstart_accuracy'))}")
