@@ -1,15 +1,18 @@
 """Deployment: site data from node config, private state on disk, certificates, the compose
-file, and real SuperLink + SuperNode processes over gRPC on 127.0.0.1 (TLS + node auth).
+file, the orchestrator's packaging, and real SuperLink + SuperNode processes over gRPC on
+127.0.0.1 (TLS + node auth, the SuperLink's state in SQLite).
 
 The ``slow`` tests start real processes on free loopback ports and stop all of them (process
-groups plus a sweep for the deployment's environment marker); each is bounded by timeouts."""
+groups plus a sweep for the deployment's environment marker); each is bounded by timeouts.
+They judge a run by structured output only where Flower offers it (`flwr ... --format json`,
+the ServerApp's rounds.jsonl / metrics.jsonl / summary.json); the SuperNode log is read only
+to time a kill into the middle of a round, which nothing structured reports."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -27,12 +30,14 @@ from fedcoe_flwr.algorithms import get_algorithm
 from fedcoe_flwr.client.node import NodeConfigError, node_role
 from fedcoe_flwr.client.private_state import state_checksum, state_paths
 from fedcoe_flwr.data import DataError, load_global_test, load_site_data
-from fedcoe_flwr.deploy.local import LocalDeployment, marked_processes, metrics_lines, run_status
-from fedcoe_flwr.deploy.sites import export_sites
 from fedcoe_flwr.records import (ARRAYS, CONFIG, EXPERIMENT, METRICS, config_record, experiment_record,
                                  from_array_record, to_array_record)
 
 from PIL import Image
+from tools.deploy.deployment import LocalDeployment
+from tools.deploy.processes import marked_processes
+from tools.deploy.results import metrics_lines, round_lines, run_status
+from tools.deploy.sites import export_sites
 
 COLOURS = {"ant": (250, 10, 10), "bee": (10, 250, 10), "cat": (10, 10, 250)}
 
@@ -322,20 +327,87 @@ def test_compose_file_parses_and_names_the_right_images_and_ports():
         assert f"flwr/{k}:{version}" in (ROOT / "docs" / "DEPLOYMENT.md").read_text()
 
 
+# ------------------------------------------------------------------ packaging of the orchestrator
+def test_the_deployment_tools_are_neither_installed_nor_shipped_in_the_fab(tmp_path):
+    """tools/ runs beside the app: pip does not install it and `flwr build` (the same FAB
+    `flwr run` sends to every SuperNode) leaves it out, while the app's packages go in."""
+    import tomllib
+
+    from setuptools import find_packages
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packages = find_packages(ROOT, include=pyproject["tool"]["setuptools"]["packages"]["find"]["include"])
+    assert "fedcoe_flwr" in packages and "server_app" in packages
+    assert not [p for p in packages if p == "tools" or p.startswith("tools.")], packages
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "home"), "FLWR_TELEMETRY_ENABLED": "0",
+           "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    res = subprocess.run(["flwr", "build", "--app", str(ROOT)], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    import zipfile
+
+    (fab,) = tmp_path.glob("*.fab")
+    names = zipfile.ZipFile(fab).namelist()
+    assert "fedcoe_flwr/client.py" in names and "server_app/app.py" in names and "client_app/app.py" in names
+    assert not [n for n in names if n.startswith("tools/")], names
+
+
+def test_no_broad_process_kill_anywhere_in_the_repository():
+    """Docs, scripts and code stop processes by PID; a kill by name would also hit other
+    users' SuperLinks on a shared host."""
+    by_name = re.compile(r"\b(p" + r"kill|kill" + r"all)\b")  # spelt apart so this file does not match itself
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    hits = []
+    for name in tracked:
+        try:
+            text = (ROOT / name).read_text()
+        except (UnicodeDecodeError, OSError):
+            continue
+        hits += [f"{name}:{i}: {line.strip()}" for i, line in enumerate(text.splitlines(), 1) if by_name.search(line)]
+    assert hits == []
+
+
 # ------------------------------------------------------------------ real processes on loopback
 SMOKE = {"num_rounds": 2, "round_timeout": 300.0, "wait_for_nodes": 120.0, "min_reply_fraction": 0.5}
 
 
-def start_deployment(tmp: Path, certs: Path, run_name: str, unregistered: int = 0) -> LocalDeployment:
-    dep = LocalDeployment(tmp / run_name, num_nodes=3, tls=True, config="configs/smoke.yaml",
+def start_deployment(tmp: Path, certs: Path, run_name: str, unregistered: int = 0, num_nodes: int = 3,
+                     num_coldstart: int | None = None) -> LocalDeployment:
+    dep = LocalDeployment(tmp / run_name, num_nodes=num_nodes, tls=True, config="configs/smoke.yaml",
                           overrides={**SMOKE, "run_name": run_name, "results_dir": str(tmp / "results")},
-                          unregistered=unregistered, certs=certs, echo=lambda line: None)
-    dep.prepare_data()
-    dep.make_certs()
-    dep.start_superlink()
-    dep.register_all()
-    dep.start_supernodes()
+                          num_coldstart=num_coldstart, unregistered=unregistered, certs=certs, echo=lambda line: None)
+    try:
+        dep.prepare_data()
+        dep.make_certs()
+        dep.start_superlink()
+        dep.register_all()
+        dep.start_supernodes()
+    except BaseException:
+        dep.stop_all()
+        raise
     return dep
+
+
+def node_log(dep: LocalDeployment, index: int) -> str:
+    return dep.nodes[index].log.read_text(errors="replace")
+
+
+def wait_for_node_log(dep: LocalDeployment, index: int, text: str, count: int, timeout: float) -> None:
+    """Until the SuperNode's log holds ``text`` ``count`` times: nothing structured says when a
+    message has reached a node, and a kill must land in the middle of a round."""
+    dep.wait_until(lambda: node_log(dep, index).count(text) >= count, f"{count} x {text!r} in {dep.site_name(index)}'s log",
+                   timeout)
+
+
+def diagnosis(dep: LocalDeployment) -> str:
+    """What to read when a real-process test fails: the run's log, the SuperLink's SQLite
+    errors and the end of every SuperNode log."""
+    link = dep.superlink.log.read_text(errors="replace") if dep.superlink else ""
+    parts = ["run log:", *dep.run_lines[-40:],
+             f"SuperLink log: {link.count('database is locked')} x 'database is locked'"]
+    for index, proc in dep.nodes.items():
+        parts += [f"--- {proc.name} (alive={proc.alive()})", *node_log(dep, index).splitlines()[-8:]]
+    return "\n".join(parts)
 
 
 @pytest.fixture(scope="module")
@@ -355,42 +427,44 @@ def tls_run(tmp_path_factory, certs):
     try:
         refused = dep.wait_refused(timeout=90)
         dep.start_run()
-        rc = dep.wait_run(timeout=600)
+        status = dep.wait_run(timeout=600)
+        nodes = dep.node_status()
+        why = diagnosis(dep)
     finally:
         dep.stop_all()
-    return dep, rc, refused, marked_processes(dep.mark)
+    return dep, status, refused, nodes, marked_processes(dep.mark), why
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_three_tls_authenticated_supernodes_complete_two_fedcoe_rounds(tls_run):
-    dep, rc, _, leftovers = tls_run
-    log = "\n".join(dep.run_lines[-60:])
-    assert rc == 0 and run_status(dep.results_dir) == "finished", log
+    dep, status, _, nodes, leftovers, why = tls_run
+    assert status == "finished:completed" and run_status(dep.results_dir) == "finished", why
     lines = metrics_lines(dep.results_dir)
-    assert [l["round"] for l in lines] == [1, 2], log
+    assert [l["round"] for l in lines] == [1, 2], why
     for line in lines:
         for key in ("global_accuracy", "personalized_accuracy", "coldstart_accuracy"):
             assert isinstance(line[key], float) and 0.0 <= line[key] <= 1.0, (key, line)
-    rounds = [json.loads(l) for l in (dep.results_dir / "rounds.jsonl").read_text().splitlines()]
-    assert [r["replies"] for r in rounds] == [2, 2]  # both training sites, every round
-    link_log = dep.superlink.log.read_text()
-    assert "Starting Fleet API (gRPC-rere) on 127.0.0.1:" in link_log  # loopback only, gRPC
-    assert sorted(set(re.findall(r"Activated node_id=(\d+)", link_log))) == sorted(map(str, dep.node_ids.values()))
+    assert [r["replies"] for r in round_lines(dep.results_dir)] == [2, 2]  # both training sites, every round
+    assert "Starting Fleet API (gRPC-rere) on 127.0.0.1:" in dep.superlink.log.read_text()  # loopback only, gRPC
+    # Flower's view: exactly the three registered keys, all online; the unregistered key never got in
+    assert set(nodes) == set(dep.node_ids.values()), nodes
+    assert all(n["status"] == "online" for n in nodes.values()), nodes
+    assert dep.database.is_file() and dep.database.stat().st_size > 0  # the SuperLink's state is on disk
     assert leftovers == [], "every process the deployment started must be gone"
-    dep.report(rc)
+    dep.report(status)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_supernode_with_unregistered_key_is_refused_and_run_completes(tls_run):
-    dep, rc, refused, _ = tls_run
+    dep, status, refused, _, _, why = tls_run
     (index, code), = refused.items()
-    node_log = dep.nodes[index].log.read_text()
+    log = node_log(dep, index)
     assert code not in (None, 0), "the unregistered SuperNode must exit with an error"
-    assert "Exit Code: 305" in node_log and "Failed to activate SuperNode" in node_log
+    assert "Exit Code: 305" in log and "Failed to activate SuperNode" in log
     assert "No SuperNode found with the given public key" in dep.superlink.log.read_text()
-    assert run_status(dep.results_dir) == "finished"
+    assert status == "finished:completed" and run_status(dep.results_dir) == "finished", why
     assert "[fedcoe] 3 nodes" in "\n".join(dep.run_lines)  # the run went on with the registered three
 
 
@@ -404,27 +478,20 @@ def test_restarted_supernode_gets_its_private_state_back(tmp_path, certs):
     try:
         dep.start_run()
         state_file, journal = state_paths(dep.state_dir(0), "restart", "site-0")
-        deadline = time.time() + 400
-        # round 1 done for site 0: its evaluation reply has been sent
-        while time.time() < deadline:
-            text = dep.nodes[0].log.read_text(errors="replace")
-            if "Sending: evaluate" in text and text.rfind("Sent successfully") > text.rfind("Sending: evaluate"):
-                break
-            assert dep.run_proc.alive(), "\n".join(dep.run_lines[-40:])
-            time.sleep(0.3)
-        else:
-            pytest.fail("site 0 never finished round 1")
+        # round 1 evaluated: every site, site 0 included, has sent its evaluate reply
+        dep.wait_until(lambda: len(metrics_lines(dep.results_dir)) >= 1, "round 1's evaluation", 400)
         saved = torch.load(state_file, weights_only=True)
         before = state_checksum(saved["private"])
         assert saved["round"] == 1 and saved["crc"] == before
-        old_pid = dep.nodes[0].pid
-        away = dep.restart_supernode(0)
+        old_pid, node_id = dep.nodes[0].pid, dep.node_ids[0]
+        away = dep.restart_supernode(0)  # returns once Flower lists node_id online again
         assert dep.nodes[0].pid != old_pid
-        rc = dep.wait_run(timeout=600)
+        status = dep.wait_run(timeout=600)
+        nodes = dep.node_status()
+        why = diagnosis(dep)
     finally:
         dep.stop_all()
-    log = "\n".join(dep.run_lines[-60:])
-    assert rc == 0 and run_status(dep.results_dir) == "finished", log
+    assert status == "finished:completed" and run_status(dep.results_dir) == "finished", why
     assert [l["round"] for l in metrics_lines(dep.results_dir)] == [1, 2]
     events = json.loads(journal.read_text())
     after = [e for e in events if e["time"] > saved_time(events, 1)]
@@ -432,11 +499,10 @@ def test_restarted_supernode_gets_its_private_state_back(tmp_path, certs):
     assert first["source"] == "state-dir", events  # the restarted SuperNode had an empty context.state
     assert first["crc_in"] == before, events  # ... and got exactly the saved private parts back
     assert all(e["source"] == "context" for e in after[1:]), events
-    # node auth keeps the node id across the restart
-    link_log = dep.superlink.log.read_text()
-    assert link_log.count(f"Activated node_id={dep.node_ids[0]}") == 2
+    # node auth keeps the node id across the restart: the same three ids, no new one
+    assert set(nodes) == set(dep.node_ids.values()) and nodes[node_id]["status"] == "online", nodes
     assert marked_processes(dep.mark) == []
-    dep.report(rc, {"restart_away_s": round(away, 2), "journal_site0": events})
+    dep.report(status, {"restart_away_s": round(away, 2), "journal_site0": events})
 
 
 def saved_time(events: list[dict], server_round: int) -> float:
@@ -456,21 +522,65 @@ def test_supernode_killed_mid_round_is_left_out_and_run_completes(tmp_path, cert
     dep = start_deployment(tmp_path, certs, "kill")
     try:
         dep.start_run()
-        deadline = time.time() + 300
-        while "Receiving: train message" not in dep.nodes[1].log.read_text(errors="replace"):
-            assert dep.run_proc.alive() and time.time() < deadline, "\n".join(dep.run_lines[-40:])
-            time.sleep(0.2)
+        wait_for_node_log(dep, 1, "Receiving: train message", 1, 300)
         os.killpg(os.getpgid(dep.nodes[1].pid), signal.SIGKILL)
         killed_at = time.time()
-        rc = dep.wait_run(timeout=600)
+        status = dep.wait_run(timeout=600)
+        nodes = dep.node_status()
+        why = diagnosis(dep)
     finally:
         dep.stop_all()
-    log = "\n".join(dep.run_lines[-60:])
-    assert rc == 0 and run_status(dep.results_dir) == "finished", log
+    assert status == "finished:completed" and run_status(dep.results_dir) == "finished", why
     assert [l["round"] for l in metrics_lines(dep.results_dir)] == [1, 2]
-    rounds = [json.loads(l) for l in (dep.results_dir / "rounds.jsonl").read_text().splitlines()]
+    rounds = round_lines(dep.results_dir)
     assert rounds[0]["replies"] == 1 and rounds[0]["failed"] == [1], rounds[0]  # site 1 left out, logged
     assert rounds[1]["replies"] == 1, rounds[1]  # the dead node is no longer sampled
-    assert "failed or timed out; left out" in log or "failed or timed out; left out" in "\n".join(dep.run_lines)
+    assert "failed or timed out; left out" in "\n".join(dep.run_lines), why
+    assert nodes[dep.node_ids[1]]["status"] == "offline", nodes  # and Flower lists it offline
     assert marked_processes(dep.mark) == [], "every process the deployment started must be gone"
-    dep.report(rc, {"killed_after_run_start_s": round(killed_at - dep.run_proc.started, 2)})
+    from datetime import datetime, timezone
+
+    detected = rounds[0]["aggregated_at"] - killed_at
+    offline = datetime.strptime(nodes[dep.node_ids[1]]["offline-at"], "%Y-%m-%d %H:%M:%SZ")
+    listed = offline.replace(tzinfo=timezone.utc).timestamp() - killed_at
+    print(f"measured: SuperNode SIGKILL to round 1 aggregated without it: {detected:.1f}s; "
+          f"to `flwr supernode list` offline-at: {listed:.0f}s")
+    dep.report(status, {"killed_after_run_start_s": round(killed_at - dep.timings["run_started"], 2),
+                        "kill_to_detection_s": round(detected, 2), "kill_to_offline_listed_s": round(listed)})
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_superlink_killed_mid_round_comes_back_from_its_database_and_the_run_resumes(tmp_path, certs):
+    """Two training SuperNodes, 2 rounds. Once round 2's train message has reached site 0, the
+    SuperLink and everything under it (its SuperExec, the ServerApp) get SIGKILL at once, as in
+    a crash of its host. The SuperLink is started again with the same ``--database``, and
+    ``flwr run ... resume=true`` continues from the round-1 checkpoint. The SuperNodes are
+    never touched: they reconnect by themselves, under the node ids they were registered with."""
+    dep = start_deployment(tmp_path, certs, "relink", num_nodes=2, num_coldstart=0)
+    try:
+        registered, pids = dict(dep.node_ids), {i: p.pid for i, p in dep.nodes.items()}
+        dep.start_run()
+        wait_for_node_log(dep, 0, "Receiving: train message", 2, 400)  # round 2 is under way
+        dep.kill_superlink()
+        assert [r["round"] for r in round_lines(dep.results_dir)] == [1]  # round 2 was never aggregated
+        restarted_at = time.time()
+        dep.start_superlink()
+        dep.start_run(resume=True)
+        status = dep.wait_run(timeout=600)
+        nodes = dep.node_status()
+        alive = {i: p.alive() for i, p in dep.nodes.items()}
+        why = diagnosis(dep)
+    finally:
+        dep.stop_all()
+    assert status == "finished:completed" and run_status(dep.results_dir) == "finished", why
+    rounds = round_lines(dep.results_dir)
+    assert [r["round"] for r in rounds] == [1, 2], rounds  # every round exactly once
+    assert [m["round"] for m in metrics_lines(dep.results_dir)] == [1, 2]  # every evaluation exactly once
+    assert rounds[1]["replies"] == 2, rounds[1]  # both sites came back and trained the resumed round
+    assert all(alive.values()) and {i: p.pid for i, p in dep.nodes.items()} == pids  # never restarted
+    # no re-registration: Flower lists exactly the ids given at registration, online
+    assert set(nodes) == set(registered.values()) and all(n["status"] == "online" for n in nodes.values()), nodes
+    recovered = rounds[1]["aggregated_at"] - restarted_at
+    print(f"measured: SuperLink restart to the first round finished: {recovered:.1f}s")
+    dep.report(status, {"restart_to_first_round_s": round(recovered, 2)})

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tools.deploy.processes import descendants
+
 ROOT = Path(__file__).resolve().parents[2]
 LOCAL_SUPERLINK_PORT = 39091
 
@@ -30,23 +32,6 @@ def processes_mentioning(text: str) -> list[int]:
             except OSError:
                 continue
     return pids
-
-
-def descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    out, stack = [], [root]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            out.append(child)
-            stack.append(child)
-    return out
 
 
 def running(pid: int) -> bool:
@@ -76,7 +61,8 @@ def stop_tree(marker: str, wait: float = 30.0) -> None:
 def test_flwr_run_smoke_end_to_end(tmp_path):
     if port_in_use(LOCAL_SUPERLINK_PORT):
         pytest.skip(f"a local SuperLink already listens on 127.0.0.1:{LOCAL_SUPERLINK_PORT} (started outside "
-                    "this test); `flwr run` would reuse it. Stop it (pkill -f flower-superlink) to run this test.")
+                    "this test); `flwr run` would reuse it. Stop it by its PID to run this test: "
+                    f"kill \"$(lsof -t -iTCP:{LOCAL_SUPERLINK_PORT} -sTCP:LISTEN)\"")
     flwr_home = tmp_path / "flwr-home"
     env = {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0",
            "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",

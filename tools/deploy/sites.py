@@ -1,6 +1,6 @@
 """Per-site image folders for a deployment trial, cut from a configured data set:
 
-    python -m fedcoe_flwr.deploy.sites --config configs/deploy.yaml --out deploy-data
+    python -m tools.deploy.sites --config configs/deploy.yaml --out deploy-data
 
 writes, for the config's partitions (the same split the research mode uses),
 ``<out>/site-<i>/{train,test}/<class>/*.png`` for the training sites,
@@ -21,11 +21,23 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 
-from ..config import ExperimentConfig, config_from_run_config
-from ..data import client_splits, load_dataset, load_global_test
+from fedcoe_flwr.config import ExperimentConfig, config_from_run_config
+from fedcoe_flwr.data import client_splits, load_dataset, load_global_test
+from fedcoe_flwr.simulate import parse_overrides
+
+
+def format_node_config(values: Mapping[str, Any]) -> str:
+    """A ``--node-config`` string: strings quoted, booleans as true/false, numbers bare."""
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        return str(v) if isinstance(v, (int, float)) else f'"{v}"'
+
+    return " ".join(f"{k}={value(v)}" for k, v in values.items())
 
 
 @dataclass
@@ -36,16 +48,16 @@ class SiteFolders:
     global_test: Path
     class_names: list[str]
 
-    def node_config(self, index: int, state_dir: str | os.PathLike | None = None) -> str:
-        """The --node-config of the SuperNode with client index ``index``."""
+    def node_config_values(self, index: int) -> dict[str, Any]:
+        """The node config of the SuperNode with client index ``index``."""
         n = len(self.training)
-        folder = self.training[index] if index < n else self.coldstart[index - n]
-        parts = [f'data-dir="{folder}"', f"site-id={index if index < n else index - n}"]
-        if index >= n:
-            parts.append("cold-start=true")
-        if state_dir:
-            parts.append(f'state-dir="{state_dir}"')
-        return " ".join(parts)
+        if index < n:
+            return {"data-dir": str(self.training[index]), "site-id": index}
+        return {"data-dir": str(self.coldstart[index - n]), "site-id": index - n, "cold-start": True}
+
+    def node_config(self, index: int) -> str:
+        """The --node-config of the SuperNode with client index ``index``."""
+        return format_node_config(self.node_config_values(index))
 
 
 def _write_split(folder: Path, split: str, images: np.ndarray, labels: np.ndarray, names: list[str]) -> None:
@@ -82,8 +94,6 @@ def export_sites(cfg: ExperimentConfig, out: str | os.PathLike, overwrite: bool 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..simulate import parse_overrides
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/smoke.yaml", help="YAML naming the data set to cut")
     parser.add_argument("--out", default="deploy-data", help="folder for the site folders (git-ignored)")
