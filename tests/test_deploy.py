@@ -348,7 +348,7 @@ def test_the_deployment_tools_are_neither_installed_nor_shipped_in_the_fab(tmp_p
 
     (fab,) = tmp_path.glob("*.fab")
     names = zipfile.ZipFile(fab).namelist()
-    assert "fedcoe_flwr/client.py" in names and "server_app/app.py" in names and "client_app/app.py" in names
+    assert "fedcoe_flwr/client/handlers.py" in names and "server_app/app.py" in names and "client_app/app.py" in names
     assert not [n for n in names if n.startswith("tools/")], names
 
 
