@@ -165,7 +165,6 @@ build_images() {
     fi
     local t0=$SECONDS
     have_image "$BASE_IMAGE" || build_base
-    check_python
     log "pip wheel $APP_REQUIREMENTS -> $WORK/wheels"
     # shellcheck disable=SC2086  # APP_REQUIREMENTS holds several specifiers
     "$PYTHON" -m pip wheel --quiet --wheel-dir "$WORK/wheels" --find-links "$WORK/wheels" \
@@ -271,29 +270,46 @@ sys.exit(sum(n.get("status") == "online" for n in nodes) < int(sys.argv[1]))' "$
 
 container_running() { [[ "$(docker inspect -f '{{.State.Running}}' "$(compose ps -q "$1")" 2>/dev/null)" == true ]]; }
 
-kill_and_restart() {  # during round 1: SIGKILL a SuperNode container, start it again, wait until online
-    local node=$1 t0
-    log "waiting for round 1 to start before killing $node"
+node_state() {  # node_state NODE_ID: "<status> <online-at>" as the SuperLink reports them
+    flwr_cli supernode list compose --format json 2>/dev/null | "$PYTHON" -c '
+import json, sys
+for n in json.load(sys.stdin).get("nodes", []):
+    if n["node-id"] == sys.argv[1]:
+        print(n["status"], n["online-at"].replace(" ", "T"))' "$1"
+}
+
+kill_and_restart() {  # kill_and_restart SERVICE NODE_ID: SIGKILL the container in round 1, start it again
+    local service=$1 node_id=$2 t0 before state
+    log "waiting for round 1 to start before killing $service"
     until grep -q "\[ROUND 1/" "$RUN_DIR/logs/flwr-run.log" 2>/dev/null; do
         kill -0 "$RUN_PID" 2>/dev/null || die "flwr run ended before round 1, see $RUN_DIR/logs/flwr-run.log"
         sleep 2
     done
-    sleep 5
-    log "docker kill (SIGKILL) $node"
-    docker kill "$(compose ps -q "$node")" >/dev/null
+    sleep 5  # its ClientApp is training now
+    before="$(node_state "$node_id")"
+    log "docker kill (SIGKILL) $service (node $node_id, $before)"
+    docker kill "$(compose ps -q "$service")" >/dev/null
     t0=$SECONDS
-    sleep 3
-    # The SuperLink refuses the key while it still counts the node online (until 2 missed
-    # heartbeats, ~60 s); the refused SuperNode exits and its restart policy retries.
-    log "starting $node again"
-    compose start "$node" >>"$RUN_DIR/logs/compose-start.log" 2>&1
-    until container_running "$node" && nodes_online 3; do
-        ((SECONDS - t0 < 300)) || die "$node not back online 300 s after the kill"
-        kill -0 "$RUN_PID" 2>/dev/null || break
-        container_running "$node" || compose start "$node" >>"$RUN_DIR/logs/compose-start.log" 2>&1
-        sleep 5
+    # The SuperLink keeps a silent node online until it misses 2 heartbeats (~60 s) and refuses
+    # its key meanwhile. A node back before the server has seen it offline never gets the lost
+    # message again: that round would wait for round_timeout. So start it again only once the
+    # SuperLink has reported it offline and the server has polled a few times since.
+    until [[ "$(node_state "$node_id")" == offline* ]]; do
+        ((SECONDS - t0 < 180)) || die "the SuperLink did not mark $service offline within 180 s of the kill"
+        sleep 3
     done
-    log "$node back online $((SECONDS - t0)) s after the kill"
+    log "SuperLink: $service offline $((SECONDS - t0)) s after the kill"
+    sleep 15
+    log "starting $service again"
+    compose start "$service" >>"$RUN_DIR/logs/compose-start.log" 2>&1
+    # back = online with a newer activation time (a refused start exits; its restart policy retries)
+    while state="$(node_state "$node_id")"; [[ "$state" != online* || "${state#* }" == "${before#* }" ]]; do
+        ((SECONDS - t0 < 400)) || die "$service not back online 400 s after the kill ($state)"
+        kill -0 "$RUN_PID" 2>/dev/null || die "flwr run ended while $service was down, see $RUN_DIR/logs/flwr-run.log"
+        container_running "$service" || compose start "$service" >>"$RUN_DIR/logs/compose-start.log" 2>&1
+        sleep 3
+    done
+    log "$service back online $((SECONDS - t0)) s after the kill ($state)"
 }
 
 check_results() {
@@ -315,13 +331,13 @@ rounds_path = run / "rounds.jsonl"
 if rounds_path.is_file():
     for line in rounds_path.read_text().splitlines():
         r = json.loads(line)
-        shown = {k: r[k] for k in ("round", "replies", "expected", "failed", "seconds", "train_seconds") if k in r}
+        shown = {k: (round(r[k], 1) if isinstance(r[k], float) else r[k])
+                 for k in ("round", "clients", "replies", "failed", "time_s") if k in r}
         print(f"  rounds.jsonl: {shown}")
 EOF
 }
 
 run_federation() {
-    check_engine
     pick_compose
     pick_flwr
     build_images
@@ -368,34 +384,59 @@ EOF
         flwr_cli supernode register "$RUN_DIR/certs/keys/site-$i.pub" compose --name "$name" >>"$RUN_DIR/logs/register.log" 2>&1 \
             || die "flwr supernode register site-$i failed, see $RUN_DIR/logs/register.log"
     done
-    log "registered 3 node keys: $(grep -o 'SuperNode [0-9]* registered' "$RUN_DIR/logs/register.log" | awk '{print $2}' | tr '\n' ' ')"
+    read -r -a NODE_IDS <<<"$(grep -o 'SuperNode [0-9]* registered' "$RUN_DIR/logs/register.log" | awk '{print $2}' | tr '\n' ' ')"
+    ((${#NODE_IDS[@]} == 3)) || die "expected 3 node ids in $RUN_DIR/logs/register.log"
+    log "registered 3 node keys: supernode-0..2 = ${NODE_IDS[*]}"
     compose up -d --no-build >>"$RUN_DIR/logs/compose-up.log" 2>&1 || die "compose up failed, see $RUN_DIR/logs/compose-up.log"
     wait_for 180 "3 SuperNodes online" nodes_online 3
 
     log "flwr run: $ROUNDS rounds (log: $RUN_DIR/logs/flwr-run.log)"
-    local run_config="config='configs/deploy.yaml' num_rounds=$ROUNDS run_name='$PROJECT' wait_for_nodes=120"
+    # round_timeout: the backstop should a reply be lost anyway (see kill_and_restart)
+    local run_config="config='configs/deploy.yaml' num_rounds=$ROUNDS run_name='$PROJECT' wait_for_nodes=120 round_timeout=300"
     (cd "$ROOT" && exec timeout "$RUN_TIMEOUT" env FLWR_HOME="$RUN_DIR/flwr-home" "$FLWR" run . compose \
         --run-config "$run_config" --stream) >"$RUN_DIR/logs/flwr-run.log" 2>&1 &
     RUN_PID=$!
     local t_run=$SECONDS
-    [[ "$KILL_NODE" != none ]] && kill_and_restart "$KILL_NODE"
+    if [[ "$KILL_NODE" != none ]]; then
+        local index=${KILL_NODE#supernode-}
+        [[ "$index" =~ ^[0-2]$ ]] || die "KILL_NODE=$KILL_NODE: expected supernode-0, -1, -2 or none"
+        kill_and_restart "$KILL_NODE" "${NODE_IDS[$index]}"
+    fi
     local rc=0
     wait "$RUN_PID" || rc=$?
     RUN_PID=""
     log "flwr run ended with exit code $rc after $((SECONDS - t_run)) s"
-    grep -E '^\[(round|ROUND|fedcoe)|Node Unavailable|node .* (failed|unavailable)' "$RUN_DIR/logs/flwr-run.log" | tail -n 20 || true
+    sed 's/\x1b\[[0-9;]*m//g' "$RUN_DIR/logs/flwr-run.log" | grep -E '\[(round [0-9]|ROUND)' | sed 's/^[^[]*/  /' || true
     ((rc == 0)) || die "flwr run failed (exit code $rc), see $RUN_DIR/logs/flwr-run.log"
     [[ -f "$RUN_DIR/results/$PROJECT/summary.json" ]] || die "no results/$PROJECT/summary.json on the host"
     check_results || die "results check failed ($RUN_DIR/results/$PROJECT)"
+    if [[ "$KILL_NODE" != none ]]; then  # where the killed site's private state came from, per round
+        local site="site-${KILL_NODE#supernode-}"; [[ "$site" == site-2 ]] && site=coldstart-0
+        compose exec -T "superexec-clientapp-${KILL_NODE#supernode-}" cat "/state/$PROJECT/$site.journal.json" 2>/dev/null \
+            | "$PYTHON" -c 'import json, sys
+for e in json.load(sys.stdin):
+    print("  %s journal: round %s %s, private state from %s" % (sys.argv[1], e["round"], e["phase"], e["source"]))' "$site" \
+            || log "(no private-state journal of $site)"
+    fi
     log "PASS: $ROUNDS rounds over TLS + node auth in containers, $KILL_NODE killed and restarted, results on the host"
 }
 
-trap teardown EXIT
-trap 'exit 130' INT TERM
-case "${1:-run}" in
-    run) run_federation ;;
-    build) check_engine; build_images ;;
-    images) check_engine; list_images ;;
-    -h|--help) sed -n '2,30p' "$0" ;;
-    *) die "unknown command '$1' (run | build | images)" ;;
-esac
+main() {
+    case "${1:-run}" in
+        run|build|images) ;;
+        -h|--help) sed -n '2,30p' "$0"; return ;;
+        *) die "unknown command '$1' (run | build | images)" ;;
+    esac
+    trap teardown EXIT
+    trap 'exit 130' INT TERM
+    check_engine
+    check_python
+    case "${1:-run}" in
+        run) run_federation ;;
+        build) build_images ;;
+        images) list_images ;;
+    esac
+}
+
+# main and exit on one line: bash reads no further, so editing this file during a run is harmless
+main "$@"; exit
