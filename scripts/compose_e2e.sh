@@ -344,6 +344,7 @@ run_federation() {
     PROJECT="fedcoe-e2e-$(date +%Y%m%d%H%M%S)-$$"
     RUN_DIR="$WORK/runs/$PROJECT"
     mkdir -p "$RUN_DIR/logs" "$RUN_DIR/results" "$RUN_DIR/flwr-home"
+    exec > >(tee -a "$RUN_DIR/logs/compose_e2e.log") 2>&1  # this script's own output, kept with the run
     log "compose project $PROJECT, folder $RUN_DIR"
 
     CERT_RSA_BITS="${CERT_RSA_BITS:-2048}" bash "$ROOT/scripts/make_certs.sh" "$RUN_DIR/certs" 3 >"$RUN_DIR/logs/certs.log" 2>&1 \
