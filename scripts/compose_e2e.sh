@@ -411,13 +411,17 @@ EOF
     ((rc == 0)) || die "flwr run failed (exit code $rc), see $RUN_DIR/logs/flwr-run.log"
     [[ -f "$RUN_DIR/results/$PROJECT/summary.json" ]] || die "no results/$PROJECT/summary.json on the host"
     check_results || die "results check failed ($RUN_DIR/results/$PROJECT)"
-    if [[ "$KILL_NODE" != none ]]; then  # where the killed site's private state came from, per round
+    if [[ "$KILL_NODE" != none ]]; then  # the restarted site served the last round (training or evaluation)
         local site="site-${KILL_NODE#supernode-}"; [[ "$site" == site-2 ]] && site=coldstart-0
-        compose exec -T "superexec-clientapp-${KILL_NODE#supernode-}" cat "/state/$PROJECT/$site.journal.json" 2>/dev/null \
-            | "$PYTHON" -c 'import json, sys
-for e in json.load(sys.stdin):
-    print("  %s journal: round %s %s, private state from %s" % (sys.argv[1], e["round"], e["phase"], e["source"]))' "$site" \
-            || log "(no private-state journal of $site)"
+        compose exec -T "superexec-clientapp-${KILL_NODE#supernode-}" cat "/state/$PROJECT/$site.journal.json" \
+            >"$RUN_DIR/logs/$site.journal.json" 2>/dev/null || die "no private-state journal of $site"
+        "$PYTHON" - "$RUN_DIR/logs/$site.journal.json" "$site" "$ROUNDS" <<'EOF' || die "$site did not come back"
+import json, sys
+events = json.load(open(sys.argv[1]))
+for e in events:
+    print(f"  {sys.argv[2]} journal: round {e['round']} {e['phase']}, private state from {e['source']}")
+assert any(e["round"] == int(sys.argv[3]) for e in events), f"{sys.argv[2]} took no part in round {sys.argv[3]}"
+EOF
     fi
     log "PASS: $ROUNDS rounds over TLS + node auth in containers, $KILL_NODE killed and restarted, results on the host"
 }
