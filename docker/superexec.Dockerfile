@@ -6,7 +6,10 @@
 #   docker compose build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu124   # CUDA
 #
 # (docker-compose.yml builds it for every superexec-* service; the GPU services pass the CUDA index.)
-FROM flwr/superexec:1.39.0
+# Without Docker Hub, docker/standin/Dockerfile builds an equivalent image from local wheels
+# (scripts/compose_e2e.sh build).
+ARG BASE_IMAGE=flwr/superexec:1.39.0
+FROM ${BASE_IMAGE}
 
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 

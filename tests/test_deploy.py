@@ -1,6 +1,6 @@
-"""Deployment: site data from node config, private state on disk, certificates, the compose
-file, the orchestrator's packaging, and real SuperLink + SuperNode processes over gRPC on
-127.0.0.1 (TLS + node auth, the SuperLink's state in SQLite).
+"""Deployment: site data from node config, private state on disk, certificates, the
+orchestrator's packaging, and real SuperLink + SuperNode processes over gRPC on 127.0.0.1
+(TLS + node auth, the SuperLink's state in SQLite). The compose file: tests/test_compose.py.
 
 The ``slow`` tests start real processes on free loopback ports and stop all of them (process
 groups plus a sweep for the deployment's environment marker); each is bounded by timeouts.
@@ -19,11 +19,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-import flwr
 from fedcoe_flwr.client import handlers as client
 from fedcoe_flwr.client import private_state
 from fedcoe_flwr.algorithms import get_algorithm
@@ -255,7 +253,7 @@ def test_private_state_of_a_round_never_aggregated_is_skipped(sites, tmp_path):
     assert source == "state-dir" and private["w"].tolist() == [2.0, 2.0]
 
 
-# ------------------------------------------------------------------ certificates, compose
+# ------------------------------------------------------------------ certificates (compose: tests/test_compose.py)
 def test_make_certs_makes_ca_server_cert_and_openssh_node_keys(tmp_path):
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
@@ -283,48 +281,6 @@ def test_make_certs_makes_ca_server_cert_and_openssh_node_keys(tmp_path):
                    capture_output=True, timeout=120)
     assert (out / "ca.crt").read_bytes() == before and (out / "keys" / "site-2.pub").is_file()
     assert "certs/" in (ROOT / ".gitignore").read_text().split()
-
-
-def test_compose_file_parses_and_names_the_right_images_and_ports():
-    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-    services, version = compose["services"], flwr.__version__
-    assert version.startswith("1.39")
-    link = services["superlink"]
-    assert link["image"] == f"flwr/superlink:{version}"
-    assert {"8000:8000", "9092:9092"} <= set(link["ports"])
-    assert "--enable-supernode-auth" in link["command"]
-    assert "--fleet-api-address=0.0.0.0:9092" in link["command"] and "--port=8000" in link["command"]
-    assert not any("--insecure" == a for a in link["command"])
-    assert {"ca_crt", "server_pem", "server_key"} <= set(link["secrets"])
-    nodes = {k: v for k, v in services.items() if k.startswith("supernode-")}
-    assert len(nodes) == 3
-    ids = set()
-    for name, node in nodes.items():
-        i = name.split("-")[1]
-        assert node["image"] == f"flwr/supernode:{version}"
-        cmd = node["command"]
-        assert "--superlink=superlink:9092" in cmd and "--root-certificates=/run/secrets/ca_crt" in cmd
-        assert f"--auth-supernode-private-key=/run/secrets/site_{i}_key" in cmd
-        node_config = next(a for a in cmd if a.startswith("--node-config="))
-        assert 'data-dir="/data/site"' in node_config and 'state-dir="/state"' in node_config
-        ids.add(re.search(r"site-id=(\d+)( cold-start=true)?", node_config).groups())
-        for variant in (f"superexec-clientapp-{i}", f"superexec-clientapp-{i}-gpu"):
-            app = services[variant]
-            assert f"--runtime-api-address=supernode-{i}:9094" in app["command"]
-            data = [v for v in app["volumes"] if v.endswith(":/data/site:ro")]
-            assert len(data) == 1 and any(v.endswith(":/state") for v in app["volumes"])
-        gpu = services[f"superexec-clientapp-{i}-gpu"]
-        assert gpu["profiles"] == ["gpu"] and services[f"superexec-clientapp-{i}"]["profiles"] == ["cpu"]
-        assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
-    assert ids == {("0", None), ("1", None), ("0", " cold-start=true")}
-    data_dirs = [next(v for v in services[f"superexec-clientapp-{i}"]["volumes"] if "/data/site" in v) for i in "012"]
-    assert len(set(data_dirs)) == 3  # each site its own data volume
-    secrets = {k: v["file"] for k, v in compose["secrets"].items()}
-    assert secrets["ca_crt"] == "./certs/ca.crt" and secrets["site_2_key"] == "./certs/keys/site-2"
-    dockerfile = (ROOT / services["superexec-serverapp"]["build"]["dockerfile"]).read_text()
-    assert f"FROM flwr/superexec:{version}" in dockerfile
-    for k in ("superlink", "supernode"):
-        assert f"flwr/{k}:{version}" in (ROOT / "docs" / "DEPLOYMENT.md").read_text()
 
 
 # ------------------------------------------------------------------ packaging of the orchestrator
