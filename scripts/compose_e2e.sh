@@ -13,7 +13,7 @@
 # containers need no registry access.
 #
 # Run: certificates and node keys (scripts/make_certs.sh), three sites' data (configs/deploy.yaml,
-# python -m fedcoe_flwr.deploy.sites), the SuperLink (TLS, node authentication, SQLite state on a
+# python -m tools.deploy.sites), the SuperLink (TLS, node authentication, SQLite state on a
 # volume), registration of the three node keys, three SuperNodes with their SuperExecs (profile
 # `cpu`), `flwr run` of 2 rounds from the host, a SuperNode container killed (SIGKILL) in round 1
 # and started again, then checks of results/<run>/summary.json and metrics.jsonl (bind-mounted to
@@ -351,8 +351,8 @@ run_federation() {
         || die "make_certs.sh failed, see $RUN_DIR/logs/certs.log"
     local data="$WORK/deploy-data"
     if [[ ! -f "$data/sites.json" ]]; then
-        log "site data: python -m fedcoe_flwr.deploy.sites --config configs/deploy.yaml --out $data"
-        (cd "$ROOT" && "$PYTHON" -m fedcoe_flwr.deploy.sites --config configs/deploy.yaml --out "$data") \
+        log "site data: python -m tools.deploy.sites --config configs/deploy.yaml --out $data"
+        (cd "$ROOT" && "$PYTHON" -m tools.deploy.sites --config configs/deploy.yaml --out "$data") \
             >"$WORK/logs/sites.log" 2>&1 || die "site data failed, see $WORK/logs/sites.log"
     fi
     # the images run as uid 49999: it must read the private keys and write the results
