@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from flwr.supercore.task_identity import TaskIdentity
 
 from harness import TINY
 
@@ -54,3 +55,10 @@ def _deterministic_torch():
 @pytest.fixture
 def cpu():
     return torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    """The task identity a ClientApp handler reads when it runs outside Flower (in-process tests)."""
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+    yield

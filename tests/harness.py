@@ -3,6 +3,8 @@ ClientApp's handlers in this process (one Context per node, like a SuperNode).""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import torch
@@ -11,6 +13,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedcoe_flwr.client import handlers
 from fedcoe_flwr.client.onboarding import handle_onboard
+from fedcoe_flwr.records import ARRAYS, CONFIG, EXPERIMENT, config_record, experiment_record, to_array_record
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # the tiny generated data set every fast test starts from: small enough that a FedCoE
@@ -84,3 +87,20 @@ def assert_same(a: dict, b: dict) -> None:
     for k in a:
         assert a[k].dtype == b[k].dtype, k
         assert torch.equal(a[k], b[k]), k
+
+
+def message(cfg, message_type: str, arrays: dict, config: dict, node_id: int = 11) -> Message:
+    """A server message as the round loop builds it: payload, its config, the experiment."""
+    content = RecordDict({ARRAYS: to_array_record(arrays), CONFIG: config_record(config),
+                          EXPERIMENT: experiment_record(cfg)})
+    return Message(content=content, dst_node_id=node_id, message_type=message_type)
+
+
+def compose_tools() -> list[list[str]]:
+    """The compose commands this machine has: Debian's docker-compose, the docker compose plugin."""
+    tools = []
+    if shutil.which("docker-compose"):
+        tools.append(["docker-compose"])
+    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        tools.append(["docker", "compose"])
+    return tools

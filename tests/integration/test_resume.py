@@ -9,18 +9,11 @@ import json
 
 import pytest
 import torch
-from flwr.supercore.task_identity import TaskIdentity
 from harness import InProcessGrid
 
 from fedcoe_flwr.client.node import node_role
 from fedcoe_flwr.client.private_state import load_private_state
 from fedcoe_flwr.server.loop import RoundLoop
-
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
-    yield
 
 
 def run(cfg, run_name, run_id=7, fail_on=None, resume=False):

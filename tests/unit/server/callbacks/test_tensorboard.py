@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-from flwr.supercore.task_identity import TaskIdentity
 from tensorboard.backend.event_processing.event_accumulator import HISTOGRAMS, EventAccumulator
 
 from fedcoe_flwr.fileio import read_jsonl
@@ -15,12 +14,6 @@ from fedcoe_flwr.server.callbacks.summary import best_round
 from fedcoe_flwr.server.callbacks.tensorboard import TB_DIR, accuracy_tag, evaluation_scalars, round_scalars
 from fedcoe_flwr.server.loop import RoundLoop
 from harness import InProcessGrid
-
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
-    yield
 
 
 def run(cfg) -> Path:

@@ -1,26 +1,17 @@
-"""docker-compose.yml: its structure (images from variables defaulting to Flower's official images,
-TLS + node authentication, SQLite SuperLink state on a volume, one data and state volume per site),
-its validity for the installed compose tool, and scripts/compose_e2e.sh run for real when a Docker
-engine answers (stand-in images built from Debian packages and local wheels, two rounds over TLS, a
-SuperNode container killed and restarted, nothing left behind). Without an engine the end-to-end
-test is skipped, naming the reason."""
+"""docker-compose.yml: image names from variables defaulting to the official images, TLS, node
+authentication and SQLite state on a volume, each site's key, data and state, volume owners."""
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
-
 import flwr
 import pytest
 import yaml
-
-ROOT = Path(__file__).resolve().parents[1]
+from harness import REPO_ROOT as ROOT, compose_tools
 COMPOSE_FILE = ROOT / "docker-compose.yml"
-SCRIPT = ROOT / "scripts" / "compose_e2e.sh"
 
 
 def default_of(value: str) -> str:
@@ -113,13 +104,6 @@ def test_every_named_volume_is_handed_to_the_image_user_before_use(compose):
             assert service["depends_on"]["volume-owner"] == {"condition": "service_completed_successfully"}, name
 
 
-def compose_tools() -> list[list[str]]:
-    tools = []
-    if shutil.which("docker-compose"):
-        tools.append(["docker-compose"])
-    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
-        tools.append(["docker", "compose"])
-    return tools
 
 
 def test_the_installed_compose_tools_accept_the_file(tmp_path):
@@ -135,41 +119,3 @@ def test_the_installed_compose_tools_accept_the_file(tmp_path):
         assert resolved["services"]["superlink"]["image"] == "stand-in/superlink:x"
         assert resolved["services"]["supernode-0"]["image"] == f"flwr/supernode:{flwr.__version__}"
         assert str(tmp_path / "keys" / "site-0") in str(resolved["secrets"]["site_0_key"])
-
-
-# ------------------------------------------------------------------ the real thing
-def engine_missing() -> str | None:
-    """Why scripts/compose_e2e.sh cannot run here, or None."""
-    if not shutil.which("docker"):
-        return "no docker command"
-    try:
-        info = subprocess.run(["docker", "info"], capture_output=True, text=True, timeout=30)
-    except subprocess.TimeoutExpired:
-        return "docker info did not answer within 30 s"
-    if info.returncode != 0:
-        return "no Docker engine answers: " + " ".join((info.stderr or info.stdout).split())[:200]
-    if not compose_tools():
-        return "neither docker-compose nor the docker compose plugin is installed"
-    images = subprocess.run(["docker", "image", "ls", "-q", "fedcoe-standin/debian-python"], capture_output=True,
-                            text=True).stdout.strip()
-    if not images and (os.geteuid() != 0 or not shutil.which("debootstrap")):
-        return "the Debian base image is not built and building it needs root and debootstrap"
-    return None
-
-
-@pytest.mark.slow
-def test_compose_deployment_end_to_end():
-    reason = engine_missing()
-    if reason:
-        pytest.skip(reason)
-    env = {**os.environ, "PYTHON": sys.executable}
-    out = subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, capture_output=True, text=True, env=env, timeout=3600)
-    log = out.stdout + out.stderr
-    assert out.returncode == 0, log[-6000:]
-    assert "PASS:" in log and "back online" in log, log[-6000:]
-    project = re.search(r"compose project (\S+),", log).group(1)
-    assert f"no containers, networks or volumes of {project} left" in log
-    label = f"label=com.docker.compose.project={project}"
-    for kind in (["ps", "-a"], ["network", "ls"], ["volume", "ls"]):
-        left = subprocess.run(["docker", *kind, "-q", "--filter", label], capture_output=True, text=True).stdout
-        assert left.strip() == "", f"docker {' '.join(kind)}: {left}"

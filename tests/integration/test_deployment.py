@@ -1,0 +1,237 @@
+"""Real SuperLink + SuperNode processes over gRPC on 127.0.0.1 (TLS + node auth, the
+SuperLink's state in SQLite): rounds complete, an unregistered key is refused, a restarted
+SuperNode gets its private state back, a killed SuperNode is left out, a killed SuperLink
+comes back from its database and the run resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+import pytest
+import torch
+from harness import REPO_ROOT as ROOT
+
+from fedcoe_flwr.client.private_state import state_checksum, state_paths
+from tools.deploy.deployment import LocalDeployment
+from tools.deploy.processes import marked_processes
+from tools.deploy.results import metrics_lines, round_lines, run_status
+# ------------------------------------------------------------------ real processes on loopback
+SMOKE = {"num_rounds": 2, "round_timeout": 300.0, "wait_for_nodes": 120.0, "min_reply_fraction": 0.5}
+
+
+def start_deployment(tmp: Path, certs: Path, run_name: str, unregistered: int = 0, num_nodes: int = 3,
+                     num_coldstart: int | None = None) -> LocalDeployment:
+    dep = LocalDeployment(tmp / run_name, num_nodes=num_nodes, tls=True, config="configs/smoke.yaml",
+                          overrides={**SMOKE, "run_name": run_name, "results_dir": str(tmp / "results")},
+                          num_coldstart=num_coldstart, unregistered=unregistered, certs=certs, echo=lambda line: None)
+    try:
+        dep.prepare_data()
+        dep.make_certs()
+        dep.start_superlink()
+        dep.register_all()
+        dep.start_supernodes()
+    except BaseException:
+        dep.stop_all()
+        raise
+    return dep
+
+
+def node_log(dep: LocalDeployment, index: int) -> str:
+    return dep.nodes[index].log.read_text(errors="replace")
+
+
+def wait_for_node_log(dep: LocalDeployment, index: int, text: str, count: int, timeout: float) -> None:
+    """Until the SuperNode's log holds ``text`` ``count`` times: nothing structured says when a
+    message has reached a node, and a kill must land in the middle of a round."""
+    dep.wait_until(lambda: node_log(dep, index).count(text) >= count, f"{count} x {text!r} in {dep.site_name(index)}'s log",
+                   timeout)
+
+
+def diagnosis(dep: LocalDeployment) -> str:
+    """What to read when a real-process test fails: the run's log, the SuperLink's SQLite
+    errors and the end of every SuperNode log."""
+    link = dep.superlink.log.read_text(errors="replace") if dep.superlink else ""
+    parts = ["run log:", *dep.run_lines[-40:],
+             f"SuperLink log: {link.count('database is locked')} x 'database is locked'"]
+    for index, proc in dep.nodes.items():
+        parts += [f"--- {proc.name} (alive={proc.alive()})", *node_log(dep, index).splitlines()[-8:]]
+    return "\n".join(parts)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("certs") / "certs"
+    subprocess.run(["bash", str(ROOT / "scripts" / "make_certs.sh"), str(out), "4"], check=True,
+                   env={**os.environ, "CERT_RSA_BITS": "2048"}, capture_output=True, timeout=120)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tls_run(tmp_path_factory, certs):
+    """3 registered SuperNodes + 1 SuperNode with an unregistered key; a 2-round FedCoE run.
+    Everything is stopped before the tests look at the results."""
+    tmp = tmp_path_factory.mktemp("deploy")
+    dep = start_deployment(tmp, certs, "tls", unregistered=1)
+    try:
+        refused = dep.wait_refused(timeout=90)
+        dep.start_run()
+        status = dep.wait_run(timeout=600)
+        nodes = dep.node_status()
+        why = diagnosis(dep)
+    finally:
+        dep.stop_all()
+    return dep, status, refused, nodes, marked_processes(dep.mark), why
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_three_tls_authenticated_supernodes_complete_two_fedcoe_rounds(tls_run):
+    dep, status, _, nodes, leftovers, why = tls_run
+    assert status == "finished:completed" and run_status(dep.results_dir) == "finished", why
+    lines = metrics_lines(dep.results_dir)
+    assert [l["round"] for l in lines] == [1, 2], why
+    for line in lines:
+        for key in ("global_accuracy", "personalized_accuracy", "coldstart_accuracy"):
+            assert isinstance(line[key], float) and 0.0 <= line[key] <= 1.0, (key, line)
+    assert [r["replies"] for r in round_lines(dep.results_dir)] == [2, 2]  # both training sites, every round
+    assert "Starting Fleet API (gRPC-rere) on 127.0.0.1:" in dep.superlink.log.read_text()  # loopback only, gRPC
+    # Flower's view: exactly the three registered keys, all online; the unregistered key never got in
+    assert set(nodes) == set(dep.node_ids.values()), nodes
+    assert all(n["status"] == "online" for n in nodes.values()), nodes
+    assert dep.database.is_file() and dep.database.stat().st_size > 0  # the SuperLink's state is on disk
+    assert leftovers == [], "every process the deployment started must be gone"
+    dep.report(status)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_supernode_with_unregistered_key_is_refused_and_run_completes(tls_run):
+    dep, status, refused, _, _, why = tls_run
+    (index, code), = refused.items()
+    log = node_log(dep, index)
+    assert code not in (None, 0), "the unregistered SuperNode must exit with an error"
+    assert "Exit Code: 305" in log and "Failed to activate SuperNode" in log
+    assert "No SuperNode found with the given public key" in dep.superlink.log.read_text()
+    assert status == "finished:completed" and run_status(dep.results_dir) == "finished", why
+    assert "[fedcoe] 3 nodes" in "\n".join(dep.run_lines)  # the run went on with the registered three
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_restarted_supernode_gets_its_private_state_back(tmp_path, certs):
+    """Site 0 is stopped (SIGTERM) and started again between round 1 and round 2. Its first use
+    of the private parts after the restart must come from its state-dir with exactly the values
+    it saved in round 1 (CRC-32 over the tensors, computed here from the file before the restart)."""
+    dep = start_deployment(tmp_path, certs, "restart")
+    try:
+        dep.start_run()
+        state_file, journal = state_paths(dep.state_dir(0), "restart", "site-0")
+        # round 1 evaluated: every site, site 0 included, has sent its evaluate reply
+        dep.wait_until(lambda: len(metrics_lines(dep.results_dir)) >= 1, "round 1's evaluation", 400)
+        saved = torch.load(state_file, weights_only=True)
+        before = state_checksum(saved["private"])
+        assert saved["round"] == 1 and saved["crc"] == before
+        old_pid, node_id = dep.nodes[0].pid, dep.node_ids[0]
+        away = dep.restart_supernode(0)  # returns once Flower lists node_id online again
+        assert dep.nodes[0].pid != old_pid
+        status = dep.wait_run(timeout=600)
+        nodes = dep.node_status()
+        why = diagnosis(dep)
+    finally:
+        dep.stop_all()
+    assert status == "finished:completed" and run_status(dep.results_dir) == "finished", why
+    assert [l["round"] for l in metrics_lines(dep.results_dir)] == [1, 2]
+    events = json.loads(journal.read_text())
+    after = [e for e in events if e["time"] > saved_time(events, 1)]
+    first = after[0]
+    assert first["source"] == "state-dir", events  # the restarted SuperNode had an empty context.state
+    assert first["crc_in"] == before, events  # ... and got exactly the saved private parts back
+    assert all(e["source"] == "context" for e in after[1:]), events
+    # node auth keeps the node id across the restart: the same three ids, no new one
+    assert set(nodes) == set(dep.node_ids.values()) and nodes[node_id]["status"] == "online", nodes
+    assert marked_processes(dep.mark) == []
+    dep.report(status, {"restart_away_s": round(away, 2), "journal_site0": events})
+
+
+def saved_time(events: list[dict], server_round: int) -> float:
+    """Time of the last event of ``server_round`` (the restart came after it)."""
+    return max(e["time"] for e in events if e["round"] == server_round)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_supernode_killed_mid_round_is_left_out_and_run_completes(tmp_path, certs):
+    """Site 1's SuperNode (with its SuperExec and ClientApp: its whole process group) gets
+    SIGKILL as soon as round 1's train message reaches it. The SuperLink reports the node
+    dead after missed heartbeats (about a minute); the round aggregates site 0 alone, logs
+    site 1 as failed, and the run finishes its 2 rounds."""
+    import signal
+
+    dep = start_deployment(tmp_path, certs, "kill")
+    try:
+        dep.start_run()
+        wait_for_node_log(dep, 1, "Receiving: train message", 1, 300)
+        os.killpg(os.getpgid(dep.nodes[1].pid), signal.SIGKILL)
+        killed_at = time.time()
+        status = dep.wait_run(timeout=600)
+        nodes = dep.node_status()
+        why = diagnosis(dep)
+    finally:
+        dep.stop_all()
+    assert status == "finished:completed" and run_status(dep.results_dir) == "finished", why
+    assert [l["round"] for l in metrics_lines(dep.results_dir)] == [1, 2]
+    rounds = round_lines(dep.results_dir)
+    assert rounds[0]["replies"] == 1 and rounds[0]["failed"] == [1], rounds[0]  # site 1 left out, logged
+    assert rounds[1]["replies"] == 1, rounds[1]  # the dead node is no longer sampled
+    assert "failed or timed out; left out" in "\n".join(dep.run_lines), why
+    assert nodes[dep.node_ids[1]]["status"] == "offline", nodes  # and Flower lists it offline
+    assert marked_processes(dep.mark) == [], "every process the deployment started must be gone"
+    from datetime import datetime, timezone
+
+    detected = rounds[0]["aggregated_at"] - killed_at
+    offline = datetime.strptime(nodes[dep.node_ids[1]]["offline-at"], "%Y-%m-%d %H:%M:%SZ")
+    listed = offline.replace(tzinfo=timezone.utc).timestamp() - killed_at
+    print(f"measured: SuperNode SIGKILL to round 1 aggregated without it: {detected:.1f}s; "
+          f"to `flwr supernode list` offline-at: {listed:.0f}s")
+    dep.report(status, {"killed_after_run_start_s": round(killed_at - dep.timings["run_started"], 2),
+                        "kill_to_detection_s": round(detected, 2), "kill_to_offline_listed_s": round(listed)})
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_superlink_killed_mid_round_comes_back_from_its_database_and_the_run_resumes(tmp_path, certs):
+    """Two training SuperNodes, 2 rounds. Once round 2's train message has reached site 0, the
+    SuperLink and everything under it (its SuperExec, the ServerApp) get SIGKILL at once, as in
+    a crash of its host. The SuperLink is started again with the same ``--database``, and
+    ``flwr run ... resume=true`` continues from the round-1 checkpoint. The SuperNodes are
+    never touched: they reconnect by themselves, under the node ids they were registered with."""
+    dep = start_deployment(tmp_path, certs, "relink", num_nodes=2, num_coldstart=0)
+    try:
+        registered, pids = dict(dep.node_ids), {i: p.pid for i, p in dep.nodes.items()}
+        dep.start_run()
+        wait_for_node_log(dep, 0, "Receiving: train message", 2, 400)  # round 2 is under way
+        dep.kill_superlink()
+        assert [r["round"] for r in round_lines(dep.results_dir)] == [1]  # round 2 was never aggregated
+        restarted_at = time.time()
+        dep.start_superlink()
+        dep.start_run(resume=True)
+        status = dep.wait_run(timeout=600)
+        nodes = dep.node_status()
+        alive = {i: p.alive() for i, p in dep.nodes.items()}
+        why = diagnosis(dep)
+    finally:
+        dep.stop_all()
+    assert status == "finished:completed" and run_status(dep.results_dir) == "finished", why
+    rounds = round_lines(dep.results_dir)
+    assert [r["round"] for r in rounds] == [1, 2], rounds  # every round exactly once
+    assert [m["round"] for m in metrics_lines(dep.results_dir)] == [1, 2]  # every evaluation exactly once
+    assert rounds[1]["replies"] == 2, rounds[1]  # both sites came back and trained the resumed round
+    assert all(alive.values()) and {i: p.pid for i, p in dep.nodes.items()} == pids  # never restarted
+    # no re-registration: Flower lists exactly the ids given at registration, online
+    assert set(nodes) == set(registered.values()) and all(n["status"] == "online" for n in nodes.values()), nodes
+    recovered = rounds[1]["aggregated_at"] - restarted_at
+    print(f"measured: SuperLink restart to the first round finished: {recovered:.1f}s")
+    dep.report(status, {"restart_to_first_round_s": round(recovered, 2)})

@@ -1,0 +1,79 @@
+"""The deployment tools: certificates and node keys, tools/ neither installed nor in the FAB,
+no process killed by name anywhere in the repository."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from harness import REPO_ROOT as ROOT
+
+
+# ------------------------------------------------------------------ certificates (compose: tests/test_compose.py)
+def test_make_certs_makes_ca_server_cert_and_openssh_node_keys(tmp_path):
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+    out = tmp_path / "certs"
+    env = {**os.environ, "CERT_RSA_BITS": "2048"}
+    subprocess.run(["bash", str(ROOT / "scripts" / "make_certs.sh"), str(out), "2"], check=True, env=env,
+                   capture_output=True, timeout=120)
+    sans = subprocess.run(["openssl", "x509", "-in", str(out / "server.pem"), "-noout", "-ext", "subjectAltName"],
+                          check=True, capture_output=True, text=True).stdout
+    for san in ("DNS:localhost", "IP Address:127.0.0.1", "IP Address:0:0:0:0:0:0:0:1", "DNS:superlink"):
+        assert san in sans
+    subprocess.run(["openssl", "verify", "-CAfile", str(out / "ca.crt"), str(out / "server.pem")], check=True,
+                   capture_output=True)
+    for i in range(2):
+        private = (out / "keys" / f"site-{i}").read_bytes()
+        assert private.startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----")  # what flwr reads (G4)
+        key = load_ssh_private_key(private, password=None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+        assert isinstance(load_ssh_public_key((out / "keys" / f"site-{i}.pub").read_bytes()), ec.EllipticCurvePublicKey)
+        assert oct((out / "keys" / f"site-{i}").stat().st_mode & 0o777) == "0o600"
+    assert (out / "superexec.secret").stat().st_size >= 32
+    before = (out / "ca.crt").read_bytes()  # a re-run adds keys and keeps the CA
+    subprocess.run(["bash", str(ROOT / "scripts" / "make_certs.sh"), str(out), "3"], check=True, env=env,
+                   capture_output=True, timeout=120)
+    assert (out / "ca.crt").read_bytes() == before and (out / "keys" / "site-2.pub").is_file()
+    assert "certs/" in (ROOT / ".gitignore").read_text().split()
+
+
+# ------------------------------------------------------------------ packaging of the orchestrator
+def test_the_deployment_tools_are_neither_installed_nor_shipped_in_the_fab(tmp_path):
+    """tools/ runs beside the app: pip does not install it and `flwr build` (the same FAB
+    `flwr run` sends to every SuperNode) leaves it out, while the app's packages go in."""
+    import tomllib
+
+    from setuptools import find_packages
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packages = find_packages(ROOT, include=pyproject["tool"]["setuptools"]["packages"]["find"]["include"])
+    assert "fedcoe_flwr" in packages and "server_app" in packages
+    assert not [p for p in packages if p == "tools" or p.startswith("tools.")], packages
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "home"), "FLWR_TELEMETRY_ENABLED": "0",
+           "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    res = subprocess.run(["flwr", "build", "--app", str(ROOT)], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    import zipfile
+
+    (fab,) = tmp_path.glob("*.fab")
+    names = zipfile.ZipFile(fab).namelist()
+    assert "fedcoe_flwr/client/handlers.py" in names and "server_app/app.py" in names and "client_app/app.py" in names
+    assert not [n for n in names if n.startswith("tools/")], names
+
+
+def test_no_broad_process_kill_anywhere_in_the_repository():
+    """Docs, scripts and code stop processes by PID; a kill by name would also hit other
+    users' SuperLinks on a shared host."""
+    by_name = re.compile(r"\b(p" + r"kill|kill" + r"all)\b")  # spelt apart so this file does not match itself
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    hits = []
+    for name in tracked:
+        try:
+            text = (ROOT / name).read_text()
+        except (UnicodeDecodeError, OSError):
+            continue
+        hits += [f"{name}:{i}: {line.strip()}" for i, line in enumerate(text.splitlines(), 1) if by_name.search(line)]
+    assert hits == []
