@@ -3,11 +3,13 @@ ClientApp's handlers in this process (one Context per node, like a SuperNode).""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import torch
+from PIL import Image
 from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -104,3 +106,26 @@ def compose_tools() -> list[list[str]]:
     if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
         tools.append(["docker", "compose"])
     return tools
+
+
+# A distinct solid colour per class, far apart so JPEG/PNG round trips keep them apart.
+COLOURS = {"ant": (250, 10, 10), "bee": (10, 250, 10), "cat": (10, 10, 250)}
+
+
+def make_image_folder(root: Path, counts: dict | None = None, size: int = 10, suffix: str = ".png") -> Path:
+    """root/{train,test}/<class>/<i><suffix>, each image a solid class colour."""
+    counts = counts or {"train": {"ant": 4, "bee": 3, "cat": 5}, "test": {"ant": 2, "bee": 2, "cat": 1}}
+    for split, per_class in counts.items():
+        for cls, n in per_class.items():
+            folder = root / split / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.new("RGB", (size, size), COLOURS[cls]).save(folder / f"{i:03d}{suffix}")
+    return root
+
+
+def make_certs(out: Path, nodes: int) -> Path:
+    """A CA, the SuperLink's certificate and ``nodes`` SuperNode keys (scripts/make_certs.sh)."""
+    subprocess.run(["bash", str(REPO_ROOT / "scripts" / "make_certs.sh"), str(out), str(nodes)], check=True,
+                   env={**os.environ, "CERT_RSA_BITS": "2048"}, capture_output=True, timeout=120)
+    return out

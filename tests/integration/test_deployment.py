@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 from pathlib import Path
 import pytest
 import torch
-from harness import REPO_ROOT as ROOT
+from harness import make_certs
 
 from fedcoe_flwr.client.private_state import state_checksum, state_paths
 from tools.deploy.deployment import LocalDeployment
@@ -63,10 +62,7 @@ def diagnosis(dep: LocalDeployment) -> str:
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("certs") / "certs"
-    subprocess.run(["bash", str(ROOT / "scripts" / "make_certs.sh"), str(out), "4"], check=True,
-                   env={**os.environ, "CERT_RSA_BITS": "2048"}, capture_output=True, timeout=120)
-    return out
+    return make_certs(tmp_path_factory.mktemp("certs") / "certs", 4)
 
 
 @pytest.fixture(scope="module")

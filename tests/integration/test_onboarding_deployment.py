@@ -3,14 +3,13 @@ the offline accuracy; serving mode onboards a new site from a finished run's che
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 import pytest
 import torch
-from harness import REPO_ROOT as ROOT
+from harness import make_certs
 from fedcoe_flwr.server import onboarding as onboard
 from fedcoe_flwr.algorithms import get_algorithm
 from fedcoe_flwr.algorithms.base import ServerState
@@ -51,10 +50,7 @@ def offline_coldstart(checkpoint: Path, folder: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def onboard_certs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("certs") / "certs"
-    subprocess.run(["bash", str(ROOT / "scripts" / "make_certs.sh"), str(out), "5"], check=True,
-                   env={**os.environ, "CERT_RSA_BITS": "2048"}, capture_output=True, timeout=120)
-    return out
+    return make_certs(tmp_path_factory.mktemp("certs") / "certs", 5)
 
 
 @pytest.fixture(scope="module")

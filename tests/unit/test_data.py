@@ -11,6 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
+from harness import COLOURS, make_image_folder
+
 from fedcoe_flwr import data as data_mod
 from fedcoe_flwr.data import dataset as data_dataset
 from fedcoe_flwr.data import sources as data_sources
@@ -18,20 +20,6 @@ from fedcoe_flwr.data import (DataError, batches, client_splits, is_coldstart, l
                               load_dataset, load_global_test, load_site_data, load_site_images, normalize,
                               read_image_folder, stratified_split)
 
-# A distinct solid colour per class, far apart so JPEG/PNG round trips keep them apart.
-COLOURS = {"ant": (250, 10, 10), "bee": (10, 250, 10), "cat": (10, 10, 250)}
-
-
-def make_image_folder(root, counts=None, size=10, suffix=".png"):
-    """root/{train,test}/<class>/<i><suffix>, each image a solid class colour."""
-    counts = counts or {"train": {"ant": 4, "bee": 3, "cat": 5}, "test": {"ant": 2, "bee": 2, "cat": 1}}
-    for split, per_class in counts.items():
-        for cls, n in per_class.items():
-            folder = root / split / cls
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                Image.new("RGB", (size, size), COLOURS[cls]).save(folder / f"{i:03d}{suffix}")
-    return root
 
 
 def colour_label(images: np.ndarray, names: list[str]) -> np.ndarray:

@@ -6,26 +6,12 @@ import subprocess
 import pytest
 import torch
 from flwr.app import Message, RecordDict
-from harness import context
+from harness import make_image_folder, context
 
 from fedcoe_flwr.client import handlers as client
 from fedcoe_flwr.client.node import NodeConfigError, node_role
 from fedcoe_flwr.data import DataError, load_global_test, load_site_data
 from fedcoe_flwr.records import CONFIG, EXPERIMENT, experiment_record
-from PIL import Image
-COLOURS = {"ant": (250, 10, 10), "bee": (10, 250, 10), "cat": (10, 10, 250)}
-
-
-def make_image_folder(root, counts=None, size=10):
-    """root/{train,test}/<class>/<i>.png, each image a solid class colour."""
-    counts = counts or {"train": {"ant": 4, "bee": 3, "cat": 5}, "test": {"ant": 2, "bee": 2, "cat": 1}}
-    for split, per_class in counts.items():
-        for cls, n in per_class.items():
-            folder = root / split / cls
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                Image.new("RGB", (size, size), COLOURS[cls]).save(folder / f"{i:03d}.png")
-    return root
 
 
 # ------------------------------------------------------------------ node config -> role
