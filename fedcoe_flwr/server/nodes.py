@@ -18,6 +18,9 @@ from .messages import Messenger
 from .onboarding import Onboarder
 
 
+WAIT_REPORT_S = 5.0  # how often a wait for SuperNodes says where it stands
+
+
 class FederationError(RuntimeError):
     """The federation cannot go on (wrong node count, too few replies); says how to fix it."""
 
@@ -49,7 +52,12 @@ class NodeDirectory:
         want = self.cfg.num_partitions
         deadline = time.time() + self.cfg.wait_for_nodes
         node_ids = [int(n) for n in grid.get_node_ids()]
+        last_said = 0.0
         while len(node_ids) < want and time.time() < deadline:
+            if time.time() - last_said >= WAIT_REPORT_S:  # a visible countdown, not a silent wait
+                log(INFO, "[nodes] %d of %d SuperNodes connected; waiting up to %.0fs more", len(node_ids), want,
+                    deadline - time.time())
+                last_said = time.time()
             time.sleep(1.0)
             node_ids = [int(n) for n in grid.get_node_ids()]
         found, failed = self.profiles(grid, node_ids)
@@ -91,6 +99,8 @@ class NodeDirectory:
         self.known = set(node_ids)
         self.pending = extra
         self.node_of = seen
+        log(INFO, "[nodes] connected before round 1: %s", ", ".join(
+            f"client {pid} = {found[node].get('site', '?')} (node {node})" for pid, node in sorted(seen.items())))
         log(INFO, "[fedcoe] %d nodes: partitions 0..%d train, %d..%d cold start", want,
             self.cfg.num_clients - 1, self.cfg.num_clients, want - 1)
 

@@ -230,6 +230,7 @@ class LocalDeployment:
         deadline = time.time() + timeout
         since = dict(since or {})
         refused = 0
+        shown = None
         while True:
             try:
                 nodes, refused = self.node_status(), 0
@@ -242,6 +243,12 @@ class LocalDeployment:
                 continue
             online = [i for i, n in nodes.items() if n["status"] == "online"]
             back = all(i in online and nodes[i]["online-at"] != before for i, before in since.items())
+            status = (len(online), tuple(sorted(online)))
+            if status != shown or len(online) < count:  # who is connected, and how long we still wait
+                self.echo(f"[deploy] {len(online)}/{count} SuperNodes online {sorted(online)}"
+                          + ("" if len(online) >= count and back else
+                             f"; waiting up to {max(0, deadline - time.time()):.0f}s more"))
+                shown = status
             if len(online) >= count and back:
                 return nodes
             for proc in (watch or {}).values():
