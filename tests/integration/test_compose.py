@@ -35,7 +35,6 @@ def engine_missing() -> str | None:
     return None
 
 
-@pytest.mark.slow
 def test_compose_deployment_end_to_end():
     reason = engine_missing()
     if reason:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from harness import make_certs
 
-from fedcoe_flwr.client.private_state import state_checksum, state_paths
+from fedcoe_flwr.client.private_state import state_checksum, state_paths, version_path
 from tools.deploy.deployment import LocalDeployment
 from tools.deploy.processes import marked_processes
 from tools.deploy.results import metrics_lines, round_lines, run_status
@@ -82,7 +82,6 @@ def tls_run(tmp_path_factory, certs):
     return dep, status, refused, nodes, marked_processes(dep.mark), why
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_three_tls_authenticated_supernodes_complete_two_fedcoe_rounds(tls_run):
     dep, status, _, nodes, leftovers, why = tls_run
@@ -102,7 +101,6 @@ def test_three_tls_authenticated_supernodes_complete_two_fedcoe_rounds(tls_run):
     dep.report(status)
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_supernode_with_unregistered_key_is_refused_and_run_completes(tls_run):
     dep, status, refused, _, _, why = tls_run
@@ -115,7 +113,6 @@ def test_supernode_with_unregistered_key_is_refused_and_run_completes(tls_run):
     assert "[fedcoe] 3 nodes" in "\n".join(dep.run_lines)  # the run went on with the registered three
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_restarted_supernode_gets_its_private_state_back(tmp_path, certs):
     """Site 0 is stopped (SIGTERM) and started again between round 1 and round 2. Its first use
@@ -124,7 +121,8 @@ def test_restarted_supernode_gets_its_private_state_back(tmp_path, certs):
     dep = start_deployment(tmp_path, certs, "restart")
     try:
         dep.start_run()
-        state_file, journal = state_paths(dep.state_dir(0), "restart", "site-0")
+        folder, journal = state_paths(dep.state_dir(0), "restart", "site-0")
+        state_file = version_path(folder, 1)
         # round 1 evaluated: every site, site 0 included, has sent its evaluate reply
         dep.wait_until(lambda: len(metrics_lines(dep.results_dir)) >= 1, "round 1's evaluation", 400)
         saved = torch.load(state_file, weights_only=True)
@@ -157,7 +155,6 @@ def saved_time(events: list[dict], server_round: int) -> float:
     return max(e["time"] for e in events if e["round"] == server_round)
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_supernode_killed_mid_round_is_left_out_and_run_completes(tmp_path, certs):
     """Site 1's SuperNode (with its SuperExec and ClientApp: its whole process group) gets
@@ -196,7 +193,6 @@ def test_supernode_killed_mid_round_is_left_out_and_run_completes(tmp_path, cert
                         "kill_to_detection_s": round(detected, 2), "kill_to_offline_listed_s": round(listed)})
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_superlink_killed_mid_round_comes_back_from_its_database_and_the_run_resumes(tmp_path, certs):
     """Two training SuperNodes, 2 rounds. Once round 2's train message has reached site 0, the

@@ -99,7 +99,6 @@ def onboard_deployment(tmp_path_factory, onboard_certs):
     return out
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_onboard_late_joiner_gets_cold_start_model_with_the_offline_accuracy(onboard_deployment):
     o = onboard_deployment
@@ -130,7 +129,6 @@ def test_onboard_late_joiner_gets_cold_start_model_with_the_offline_accuracy(onb
     dep.report(o["train_rc"], {"onboard_entries": o["registry"], "onboard_timings": o["timings"]})
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_onboard_serving_mode_from_checkpoint_with_no_training_client(onboard_deployment):
     o = onboard_deployment
