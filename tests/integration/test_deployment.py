@@ -179,7 +179,9 @@ def test_supernode_killed_mid_round_is_left_out_and_run_completes(tmp_path, cert
     rounds = round_lines(dep.results_dir)
     assert rounds[0]["replies"] == 1 and rounds[0]["failed"] == [1], rounds[0]  # site 1 left out, logged
     assert rounds[1]["replies"] == 1, rounds[1]  # the dead node is no longer sampled
-    assert "failed or timed out; left out" in "\n".join(dep.run_lines), why
+    run_log = "\n".join(dep.run_lines)
+    assert "client 1" in run_log and "failed or timed out: " in run_log and "; left out" in run_log, why
+    assert "Node Unavailable" in run_log, why  # the cause is named, not only the client
     assert nodes[dep.node_ids[1]]["status"] == "offline", nodes  # and Flower lists it offline
     assert marked_processes(dep.mark) == [], "every process the deployment started must be gone"
     from datetime import datetime, timezone
