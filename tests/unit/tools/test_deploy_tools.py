@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
+import sys
+from pathlib import Path
+
 from harness import REPO_ROOT as ROOT
 
 
-# ------------------------------------------------------------------ certificates (compose: tests/test_compose.py)
+# ------------------------------------------------------------------ certificates (compose: tests/unit/tools/test_compose_file.py)
 def test_make_certs_makes_ca_server_cert_and_openssh_node_keys(tmp_path):
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
@@ -53,7 +57,7 @@ def test_the_deployment_tools_are_neither_installed_nor_shipped_in_the_fab(tmp_p
     assert not [p for p in packages if p == "tools" or p.startswith("tools.")], packages
     env = {**os.environ, "FLWR_HOME": str(tmp_path / "home"), "FLWR_TELEMETRY_ENABLED": "0",
            "FLWR_DISABLE_UPDATE_CHECK": "1"}
-    res = subprocess.run(["flwr", "build", "--app", str(ROOT)], cwd=tmp_path, env=env, capture_output=True,
+    res = subprocess.run([shutil.which("flwr") or str(Path(sys.executable).with_name("flwr")), "build", "--app", str(ROOT)], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
     import zipfile
