@@ -43,14 +43,17 @@ class Terminated(SystemExit):
     """SIGTERM (an operator's kill, a container stop): the run ends as ``interrupted``."""
 
 
-def stop_on_sigterm() -> None:
+def stop_on_sigterm() -> Any:
     """Turn SIGTERM into an exception in the server's main thread, so that the summary and
-    the last checkpoint are written as on any other stop (elsewhere the default applies)."""
-    if threading.current_thread() is threading.main_thread():
-        def handler(signum: int, frame: Any) -> None:
-            raise Terminated(f"signal {signum}")
+    the last checkpoint are written as on any other stop (elsewhere the default applies).
+    Returns the handler it replaced (None when it replaced none), to be put back."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
 
-        signal.signal(signal.SIGTERM, handler)
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated(f"signal {signum}")
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def error_text(reply: Message) -> str:
@@ -273,7 +276,7 @@ class RoundLoop:
             self.algorithm.describe(cfg), self.device, self.run_dir.path)
         if cfg.resume or cfg.resume_from:
             self.resume_point()
-        stop_on_sigterm()
+        previous_handler = stop_on_sigterm()
         self.segments.append({"started_at": self.run_dir.started, "from_round": self.round, "wall_time_s": 0.0})
         status = "running"
         try:
@@ -302,6 +305,8 @@ class RoundLoop:
             log(ERROR, "[fedcoe] run stopped at round %d: %s", self.round + 1, err)
             raise
         finally:
+            if previous_handler is not None:
+                signal.signal(signal.SIGTERM, previous_handler)
             for callback in self.callbacks:
                 callback.on_end(self, status)
         log(INFO, "[fedcoe] finished: results in %s", self.run_dir.path)
