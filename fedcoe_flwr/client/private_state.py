@@ -60,11 +60,11 @@ def version_path(folder: Path, server_round: int) -> Path:
 
 def journal(role: NodeRole, cfg: ExperimentConfig, event: dict[str, Any]) -> None:
     """Append one event (round, phase, where the private state came from, checksums) to
-    the site's journal: what a restart test or an operator checks."""
-    state_dir = state_dir_of(role, cfg)
-    if not state_dir:
+    the site's journal: what a restart test or an operator checks. Only for a node whose
+    operator named a state-dir: a simulation's nodes would rewrite it on every call for no reader."""
+    if not role.state_dir:
         return
-    _, path = state_paths(state_dir, cfg.resolved_run_name, role.key)
+    _, path = state_paths(role.state_dir, cfg.resolved_run_name, role.key)
     try:
         events = json.loads(path.read_text()) if path.is_file() else []
     except (OSError, ValueError):

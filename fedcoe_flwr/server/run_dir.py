@@ -23,7 +23,3 @@ class RunDirectory:
             self.previous_run = kept
         self.path.mkdir(parents=True, exist_ok=True)
         self.started = time.time()
-
-    @property
-    def dir(self) -> Path:
-        return self.path
