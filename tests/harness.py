@@ -98,14 +98,29 @@ def message(cfg, message_type: str, arrays: dict, config: dict, node_id: int = 1
     return Message(content=content, dst_node_id=node_id, message_type=message_type)
 
 
-def compose_tools() -> list[list[str]]:
-    """The compose commands this machine has: Debian's docker-compose, the docker compose plugin."""
-    tools = []
-    if shutil.which("docker-compose"):
-        tools.append(["docker-compose"])
-    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
-        tools.append(["docker", "compose"])
-    return tools
+def system_tool_env(extra: dict | None = None) -> dict:
+    """This process's environment without the virtual environment's Python settings: Debian's
+    docker-compose is a Python program that must import the system's packages, not ours."""
+    venv_bin = str(Path(os.environ.get("VIRTUAL_ENV", "/nonexistent")) / "bin")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON") and k != "VIRTUAL_ENV"}
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if p != venv_bin)
+    return {**env, **(extra or {})}
+
+
+def compose_tools() -> tuple[list[list[str]], list[str]]:
+    """The compose commands this machine has that run (Debian's docker-compose, the docker compose
+    plugin), and why each installed one that does not run was left out."""
+    tools, broken = [], []
+    for tool in (["docker-compose"], ["docker", "compose"]):
+        if not shutil.which(tool[0]):
+            continue
+        probe = subprocess.run([*tool, "version"], capture_output=True, text=True, env=system_tool_env(), timeout=60)
+        if probe.returncode == 0:
+            tools.append(tool)
+        elif tool == ["docker-compose"]:  # `docker compose` failing only means the plugin is absent
+            last = (probe.stderr or probe.stdout).strip().splitlines()[-1:] or ["no output"]
+            broken.append(f"{' '.join(tool)} is installed but does not run ({last[0][:160]})")
+    return tools, broken
 
 
 # A distinct solid colour per class, far apart so JPEG/PNG round trips keep them apart.

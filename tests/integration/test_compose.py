@@ -26,8 +26,9 @@ def engine_missing() -> str | None:
         return "docker info did not answer within 30 s"
     if info.returncode != 0:
         return "no Docker engine answers: " + " ".join((info.stderr or info.stdout).split())[:200]
-    if not compose_tools():
-        return "neither docker-compose nor the docker compose plugin is installed"
+    tools, broken = compose_tools()
+    if not tools:
+        return "; ".join(broken) or "neither docker-compose nor the docker compose plugin is installed"
     images = subprocess.run(["docker", "image", "ls", "-q", "fedcoe-standin/debian-python"], capture_output=True,
                             text=True).stdout.strip()
     if not images and (os.geteuid() != 0 or not shutil.which("debootstrap")):

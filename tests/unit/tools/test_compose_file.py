@@ -3,14 +3,13 @@ authentication and SQLite state on a volume, each site's key, data and state, vo
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 from pathlib import Path
 import flwr
 import pytest
 import yaml
-from harness import REPO_ROOT as ROOT, compose_tools
+from harness import REPO_ROOT as ROOT, compose_tools, system_tool_env
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 
 
@@ -104,13 +103,11 @@ def test_every_named_volume_is_handed_to_the_image_user_before_use(compose):
             assert service["depends_on"]["volume-owner"] == {"condition": "service_completed_successfully"}, name
 
 
-
-
 def test_the_installed_compose_tools_accept_the_file(tmp_path):
-    tools = compose_tools()
+    tools, broken = compose_tools()
     if not tools:
-        pytest.skip("neither docker-compose nor the docker compose plugin is installed")
-    env = {**os.environ, "FEDCOE_CERTS_DIR": str(tmp_path), "SUPERLINK_IMAGE": "stand-in/superlink:x"}
+        pytest.skip("; ".join(broken) or "neither docker-compose nor the docker compose plugin is installed")
+    env = system_tool_env({"FEDCOE_CERTS_DIR": str(tmp_path), "SUPERLINK_IMAGE": "stand-in/superlink:x"})
     for tool in tools:
         out = subprocess.run([*tool, "-f", str(COMPOSE_FILE), "--profile", "cpu", "--profile", "gpu", "config"],
                              capture_output=True, text=True, env=env, timeout=60)
