@@ -3,9 +3,11 @@
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from fedcoe_flwr.cli import quiet_user_errors_in_flower_logs
 from fedcoe_flwr.client import handlers
 from fedcoe_flwr.client.onboarding import handle_onboard
 
+quiet_user_errors_in_flower_logs()
 app = ClientApp()
 
 

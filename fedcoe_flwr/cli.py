@@ -4,6 +4,7 @@ stderr and exit status 2, never a traceback; ``FEDCOE_DEBUG=1`` shows the traceb
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from contextlib import contextmanager
@@ -18,6 +19,30 @@ from .server.onboarding import OnboardingError
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, FederationError, OnboardingError, NodeConfigError)
 DEBUG_ENV = "FEDCOE_DEBUG"
+DEBUG_HINT = f"(set {DEBUG_ENV}=1 for the traceback)"
+
+
+def debugging() -> bool:
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+class UserErrorsWithoutTraceback(logging.Filter):
+    """Flower logs an app's exception with its traceback (``exc_info``); for a user's mistake
+    the record keeps one line, the error's own message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, USER_ERRORS) and not debugging():
+            record.msg, record.args = f"{record.getMessage()}: {error} {DEBUG_HINT}", None
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_user_errors_in_flower_logs() -> None:
+    """Idempotent: the app modules call it on import, in every process Flower loads them in."""
+    logger = logging.getLogger("flwr")
+    if not any(isinstance(f, UserErrorsWithoutTraceback) for f in logger.filters):
+        logger.addFilter(UserErrorsWithoutTraceback())
 
 
 @contextmanager
@@ -25,8 +50,8 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except USER_ERRORS as err:
-        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        if debugging():
             raise
         print(f"error: {err}", file=sys.stderr)
-        print(f"(set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        print(DEBUG_HINT, file=sys.stderr)
         raise SystemExit(2) from None

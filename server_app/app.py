@@ -3,8 +3,10 @@
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedcoe_flwr.cli import quiet_user_errors_in_flower_logs
 from fedcoe_flwr.server.run import run_server
 
+quiet_user_errors_in_flower_logs()
 app = ServerApp()
 
 

@@ -27,3 +27,33 @@ def test_invalid_config_values_are_named(tmp_path, text, match):
     path.write_text(text)
     with pytest.raises(ConfigError, match=match):
         load_config(path)
+
+
+def flower_log_of(error: Exception, monkeypatch, debug: str = "") -> str:
+    """What Flower's own logger prints when an app raised ``error`` (it logs with exc_info)."""
+    import io
+    import logging
+    from flwr.common.logger import log
+    from fedcoe_flwr.cli import quiet_user_errors_in_flower_logs
+    monkeypatch.setenv("FEDCOE_DEBUG", debug)
+    quiet_user_errors_in_flower_logs()
+    quiet_user_errors_in_flower_logs()  # idempotent: one filter however often the app modules load
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger = logging.getLogger("flwr")
+    logger.addHandler(handler)
+    try:
+        raise error
+    except Exception as ex:
+        log(logging.ERROR, "%s raised an exception", "ServerApp", exc_info=ex)
+    finally:
+        logger.removeHandler(handler)
+    return stream.getvalue()
+
+
+def test_flower_logs_a_user_error_in_one_line_and_anything_else_with_its_traceback(monkeypatch):
+    text = flower_log_of(ConfigError("config key 'lr' = -1.0 is not allowed: must be > 0", "lr"), monkeypatch)
+    assert "ServerApp raised an exception: config key 'lr' = -1.0 is not allowed" in text
+    assert "Traceback" not in text and "FEDCOE_DEBUG=1" in text
+    assert "Traceback" in flower_log_of(ConfigError("bad", "lr"), monkeypatch, debug="1")
+    assert "Traceback" in flower_log_of(RuntimeError("a bug"), monkeypatch)
