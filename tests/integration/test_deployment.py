@@ -67,14 +67,14 @@ def certs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tls_run(tmp_path_factory, certs):
-    """3 registered SuperNodes + 1 SuperNode with an unregistered key; a 2-round FedCoE run.
-    Everything is stopped before the tests look at the results."""
+    """3 registered SuperNodes (2 training sites, 1 cold-start) + 1 SuperNode with an unregistered
+    key; a 2-round FedCoE run. Everything is stopped before the tests look at the results."""
     tmp = tmp_path_factory.mktemp("deploy")
     dep = start_deployment(tmp, certs, "tls", unregistered=1)
     try:
-        refused = dep.wait_refused(timeout=90)
-        dep.start_run()
+        dep.start_run()  # the unregistered SuperNode's refusal is awaited after the run, not before
         status = dep.wait_run(timeout=600)
+        refused = dep.wait_refused(timeout=90)
         nodes = dep.node_status()
         why = diagnosis(dep)
     finally:
@@ -115,7 +115,7 @@ def test_supernode_with_unregistered_key_is_refused_and_run_completes(tls_run):
 
 @pytest.mark.timeout(900)
 def test_restarted_supernode_gets_its_private_state_back(tmp_path, certs):
-    """Site 0 is stopped (SIGTERM) and started again between round 1 and round 2. Its first use
+    """Site 0 is stopped (SIGTERM) and started again once round 1 is evaluated. Its first use
     of the private parts after the restart must come from its state-dir with exactly the values
     it saved in round 1 (CRC-32 over the tensors, computed here from the file before the restart)."""
     dep = start_deployment(tmp_path, certs, "restart")
@@ -196,13 +196,15 @@ def test_supernode_killed_mid_round_is_left_out_and_run_completes(tmp_path, cert
 
 
 @pytest.mark.timeout(900)
-def test_superlink_killed_mid_round_comes_back_from_its_database_and_the_run_resumes(tmp_path, certs):
-    """Two training SuperNodes, 2 rounds. Once round 2's train message has reached site 0, the
+def test_superlink_killed_mid_round_comes_back_from_its_database_and_the_run_resumes(tmp_path, certs, tls_run):
+    """The TLS run's sites (two training, one cold-start), 2 rounds. Once round 2's train message has reached site 0, the
     SuperLink and everything under it (its SuperExec, the ServerApp) get SIGKILL at once, as in
     a crash of its host. The SuperLink is started again with the same ``--database``, and
     ``flwr run ... resume=true`` continues from the round-1 checkpoint. The SuperNodes are
-    never touched: they reconnect by themselves, under the node ids they were registered with."""
-    dep = start_deployment(tmp_path, certs, "relink", num_nodes=2, num_coldstart=0)
+    never touched: they reconnect by themselves, under the node ids they were registered with.
+    The sites, data and config are the TLS run's, which was never interrupted: the resumed run's
+    server weights and each site's private parts must equal that run's."""
+    dep = start_deployment(tmp_path, certs, "relink")
     try:
         registered, pids = dict(dep.node_ids), {i: p.pid for i, p in dep.nodes.items()}
         dep.start_run()
@@ -226,6 +228,27 @@ def test_superlink_killed_mid_round_comes_back_from_its_database_and_the_run_res
     assert all(alive.values()) and {i: p.pid for i, p in dep.nodes.items()} == pids  # never restarted
     # no re-registration: Flower lists exactly the ids given at registration, online
     assert set(nodes) == set(registered.values()) and all(n["status"] == "online" for n in nodes.values()), nodes
+    assert_same_final_state((dep, "relink"), (tls_run[0], "tls"))
     recovered = rounds[1]["aggregated_at"] - restarted_at
     print(f"measured: SuperLink restart to the first round finished: {recovered:.1f}s")
     dep.report(status, {"restart_to_first_round_s": round(recovered, 2)})
+
+
+def assert_same_final_state(*runs: tuple[LocalDeployment, str]) -> None:
+    """Server weights (final_state.pt) and every training site's last private parts of two runs
+    agree to 1e-6: the clients compute bit for bit alike; the server's weighted sums may add the
+    replies in their order of arrival, which can move the last float bit."""
+    final = [torch.load(dep.results_dir / "final_state.pt", weights_only=True) for dep, _ in runs]
+    assert final[0]["round"] == final[1]["round"] == 2 and final[0]["arrays"].keys() == final[1]["arrays"].keys()
+    for key, value in final[0]["arrays"].items():
+        assert torch.allclose(value.float(), final[1]["arrays"][key].float(), atol=1e-6), key
+    training_sites = [i for i in runs[0][0].nodes if runs[0][0].site_name(i).startswith("site-")]
+    assert len(training_sites) == 2, training_sites
+    for index in training_sites:
+        parts = []
+        for dep_run, run in runs:
+            folder, _ = state_paths(dep_run.state_dir(index), run, dep_run.site_name(index))
+            parts.append(torch.load(version_path(folder, 2), weights_only=True)["private"])
+        assert parts[0].keys() == parts[1].keys() and parts[0], (index, list(parts[0]))
+        for key, value in parts[0].items():
+            assert torch.allclose(value.float(), parts[1][key].float(), atol=1e-6), (index, key)

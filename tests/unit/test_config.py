@@ -254,7 +254,7 @@ def test_pyproject_run_config_builds_a_valid_config():
     assert isinstance(cfg, ExperimentConfig)
 
 
-# configs/methods/ holds method lists for the comparison runner (tests/test_compare.py)
+# configs/methods/ holds method lists for the comparison runner (tests/unit/test_compare.py)
 YAMLS = sorted(p for p in (REPO_ROOT / "configs").rglob("*.yaml") if "methods" not in p.relative_to(REPO_ROOT).parts)
 
 
