@@ -11,8 +11,8 @@ payloads, seeds, data and aggregation):
 * ``loop``: the plain sequential PyTorch loop: one process, the clients one after another
   through ``Algorithm.client_train`` (the per-client path every simulated or deployed
   ClientApp runs: model, ``torch.optim.SGD``, forward/backward/step per batch), with 1 and
-  with 2 torch threads; the better of the two is the baseline, so that a gain is not just
-  the second core;
+  with 2 torch threads (``--threads``); the better is the baseline, so that a gain is not
+  just the second core;
 * ``cohort``: the same rounds with ``fedcoe_flwr.cohort.train_clients``, also with 1 and 2
   threads; the speed-up line compares the better of each.
 
@@ -22,7 +22,7 @@ clients that are never sampled cost nothing; speed does not depend on pixel valu
 batch 10, 1 epoch, the small CNN; ``comparison``: configs/compare_cifar10_dir0.1.yaml's
 shapes: 20 clients, all per round, 200-600 images each (mean 400; the Dirichlet split's
 sizes vary), batch 32, 2 epochs, the half-width CNN; ``scaling``: the cross-device shape at
-each ``--scale`` federation size, cohort path only (2 threads): set-up time (server state and client
+each ``--scale`` federation size, cohort path only (the first ``--threads``): set-up time (server state and client
 sampling for N clients), seconds per round, peak memory.
 
 Printed: per path, seconds over the R rounds (set-up excluded), client updates/s, rounds/min,
@@ -92,7 +92,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     from fedcoe_flwr.cohort import train_clients
     from _common import sample_schedule
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads[0])
     load0 = load_average()
     clock = Stopwatch()
     num_clients = args.num_clients or WORKLOADS["comparison" if args.workload == "comparison" else "cross-device"][
@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed to each child")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--path", choices=["loop", "cohort"], help=argparse.SUPPRESS)
-    parser.add_argument("--threads", type=int, default=2, help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                        help="torch thread counts each path is run with; the better of them counts (default 1 2)")
     parser.add_argument("--algorithm", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -182,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
             for algorithm in args.algorithms:
                 print(f"{algorithm}: cross-device shape, {args.clients} clients per round, cohort path")
                 for n in args.scale:
-                    res = run_child("cohort.py", [*common, "--child", "--path", "cohort", "--algorithm", algorithm,
+                    res = run_child("cohort.py", [*common, "--child", "--path", "cohort", "--threads", args.threads[0],
+                                              "--algorithm", algorithm,
                                                   "--num-clients", n, "--out", str(Path(tmp) / f"s{n}.pt")],
                                     args.timeout)
                     per_round = res["rounds_s"] / len(res["round_s"])
@@ -193,19 +195,20 @@ def main(argv: list[str] | None = None) -> int:
             common += ["--num-clients", args.num_clients]
         for algorithm in args.algorithms:
             runs = {}
-            for name, path, threads in (("plain loop, 1 thread", "loop", 1), ("plain loop, 2 threads", "loop", 2),
-                                        ("cohort, 1 thread", "cohort", 1), ("cohort, 2 threads", "cohort", 2)):
+            variants = [(f"{label}, {t} thread{'s' if t > 1 else ''}", path, t)
+                        for label, path in (("plain loop", "loop"), ("cohort", "cohort")) for t in args.threads]
+            for name, path, threads in variants:
                 out = str(Path(tmp) / f"{algorithm}-{path}-{threads}.pt")
                 runs[name] = run_child("cohort.py", [*common, "--child", "--path", path, "--threads", threads,
                                                      "--algorithm", algorithm, "--out", out], args.timeout)
                 runs[name]["out"] = out
-            print(f"{algorithm}: {runs['cohort, 1 thread']['updates']} client updates over {args.rounds} rounds")
+            best = min((r for name, r in runs.items() if name.startswith("plain")), key=lambda r: r["rounds_s"])
+            cohort = min((r for name, r in runs.items() if name.startswith("cohort")), key=lambda r: r["rounds_s"])
+            print(f"{algorithm}: {cohort['updates']} client updates over {args.rounds} rounds")
             for name, res in runs.items():
                 print(line(name, res))
-            best = min((runs["plain loop, 1 thread"], runs["plain loop, 2 threads"]), key=lambda r: r["rounds_s"])
-            cohort = min((runs["cohort, 1 thread"], runs["cohort, 2 threads"]), key=lambda r: r["rounds_s"])
             print(f"  {algorithm} cohort vs plain loop: {best['rounds_s'] / cohort['rounds_s']:.1f}x client updates/s "
-                  f"(best of 1 and 2 threads each: loop {best['threads']}, cohort {cohort['threads']}); max|dw| loop vs cohort "
+                  f"(best over threads {args.threads} each: loop {best['threads']}, cohort {cohort['threads']}); max|dw| loop vs cohort "
                   f"{max_abs_diff(best['out'], cohort['out']):.2g}", flush=True)
     return 0
 
