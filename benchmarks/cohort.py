@@ -14,7 +14,10 @@ payloads, seeds, data and aggregation):
   with 2 torch threads (``--threads``); the better is the baseline, so that a gain is not
   just the second core;
 * ``cohort``: the same rounds with ``fedcoe_flwr.cohort.train_clients``, also with 1 and 2
-  threads; the speed-up line compares the better of each.
+  threads; the speed-up line compares the better of each;
+* with ``--simulation``: the Flower simulation of the same shape (``fedcoe_flwr.simulate``,
+  the generated data set partitioned IID, so other images), per client in Ray actors (1 CPU
+  each) and on the cohort backend; the peak memory printed is the driver process's only.
 
 Workloads (synthetic CIFAR-10-shaped images, generated per client on first use, so that
 clients that are never sampled cost nothing; speed does not depend on pixel values):
@@ -131,6 +134,41 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
             "peak_bytes": hwm_bytes(os.getpid()), "threads": torch.get_num_threads(), "load": [load0, load_average()]}
 
 
+def child_simulation(args: argparse.Namespace) -> dict[str, Any]:
+    """The same workload through the Flower simulation (``fedcoe_flwr.simulate``), with the
+    given ``simulation_training``; data: the synthetic data set of the same shape."""
+    import json
+    import tempfile
+
+    import torch
+
+    from fedcoe_flwr.simulate import simulate
+
+    load0 = load_average()
+    num_clients = args.num_clients or WORKLOADS["cross-device"]["num_clients"]
+    cfg = experiment(args, args.algorithm, num_clients)
+    with tempfile.TemporaryDirectory(prefix="fedcoe-cohort-sim-") as tmp:
+        run_config = {**{k: v for k, v in cfg.to_dict().items() if k in ("batch_size", "local_epochs", "lr",
+                                                                          "momentum", "width_multiplier", "num_rounds",
+                                                                          "fraction_train", "seed", "algorithm",
+                                                                          "num_experts", "top_m", "num_clients")},
+                      "dataset": "synthetic", "image_size": 32, "synthetic_num_classes": NUM_CLASSES,
+                      "synthetic_train_size": CROSS_DEVICE_IMAGES * num_clients, "synthetic_test_size": 100,
+                      "partition": "iid", "test_fraction": 0.001, "min_partition_size": 1, "num_coldstart_clients": 0,
+                      "model": "cnn", "eval_every": 0, "device": "cpu", "keep_checkpoints": 1,
+                      "simulation_training": args.path.split("-", 1)[1], "results_dir": tmp, "run_name": "sim",
+                      "cache_dir": str(Path(tmp) / "cache")}
+        clock = Stopwatch()
+        simulate(run_config, 1.0)
+        total = clock()
+        rounds = [json.loads(line) for line in (Path(tmp) / "sim" / "rounds.jsonl").read_text().splitlines()]
+        torch.save(torch.load(Path(tmp) / "sim" / "final_state.pt", weights_only=False)["arrays"], args.out)
+    rounds_s = rounds[-1]["aggregated_at"] - rounds[0]["started_at"]
+    return {"setup_s": total - rounds_s, "rounds_s": rounds_s, "round_s": [r["time_s"] for r in rounds],
+            "updates": sum(r["replies"] for r in rounds), "peak_bytes": hwm_bytes(os.getpid()), "threads": 1,
+            "load": [load0, load_average()]}
+
+
 def max_abs_diff(a_path: str, b_path: str) -> float:
     import torch
 
@@ -160,7 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed to each child")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--path", choices=["loop", "cohort"], help=argparse.SUPPRESS)
+    parser.add_argument("--simulation", action="store_true",
+                        help="cross-device: also the Flower simulation (fedcoe_flwr.simulate, synthetic data set of "
+                             "the same shape) with simulation_training per_client (Ray actors) and cohort")
+    parser.add_argument("--path", choices=["loop", "cohort", "sim-per_client", "sim-cohort"], help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
                         help="torch thread counts each path is run with; the better of them counts (default 1 2)")
     parser.add_argument("--algorithm", help=argparse.SUPPRESS)
@@ -171,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
 
         args.chunk_size = DEFAULT_CHUNK_SIZE
     if args.child:
-        emit(child(args))
+        emit(child_simulation(args) if args.path.startswith("sim-") else child(args))
         return 0
 
     common = ["--workload", args.workload, "--clients", args.clients, "--rounds", args.rounds, "--experts",
@@ -197,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
             runs = {}
             variants = [(f"{label}, {t} thread{'s' if t > 1 else ''}", path, t)
                         for label, path in (("plain loop", "loop"), ("cohort", "cohort")) for t in args.threads]
+            if args.simulation:
+                variants += [("simulation, per-client", "sim-per_client", 1), ("simulation, cohort", "sim-cohort", 1)]
             for name, path, threads in variants:
                 out = str(Path(tmp) / f"{algorithm}-{path}-{threads}.pt")
                 runs[name] = run_child("cohort.py", [*common, "--child", "--path", path, "--threads", threads,
@@ -210,6 +253,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {algorithm} cohort vs plain loop: {best['rounds_s'] / cohort['rounds_s']:.1f}x client updates/s "
                   f"(best over threads {args.threads} each: loop {best['threads']}, cohort {cohort['threads']}); max|dw| loop vs cohort "
                   f"{max_abs_diff(best['out'], cohort['out']):.2g}", flush=True)
+            if args.simulation:
+                sim, sim_cohort = runs["simulation, per-client"], runs["simulation, cohort"]
+                print(f"  {algorithm} simulation, cohort vs per-client: {sim['rounds_s'] / sim_cohort['rounds_s']:.1f}x "
+                      f"client updates/s; max|dw| {max_abs_diff(sim['out'], sim_cohort['out']):.2g}", flush=True)
     return 0
 
 

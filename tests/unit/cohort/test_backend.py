@@ -119,3 +119,16 @@ def test_simulation_uses_cohorts_where_configured_or_on_a_gpu():
     assert not uses_cohorts(cfg.replace(device="cpu"), cuda_available=True)
     assert uses_cohorts(cfg.replace(simulation_training="cohort"), cuda_available=False)
     assert not uses_cohorts(cfg.replace(simulation_training="per_client"), cuda_available=True)
+
+
+def test_simulation_backend_replaces_ray_only_within_the_block():
+    from flwr.server.superlink.fleet.vce.backend import raybackend
+
+    from fedcoe_flwr.compat import simulation_backend
+
+    original = raybackend.RayBackend
+    with simulation_backend(cohort_backend.CohortBackend) as replaced:
+        assert replaced and raybackend.RayBackend is cohort_backend.CohortBackend
+    assert raybackend.RayBackend is original
+    with simulation_backend(None) as replaced:
+        assert not replaced and raybackend.RayBackend is original
