@@ -165,7 +165,8 @@ def child_simulation(args: argparse.Namespace) -> dict[str, Any]:
         torch.save(torch.load(Path(tmp) / "sim" / "final_state.pt", weights_only=False)["arrays"], args.out)
     rounds_s = rounds[-1]["aggregated_at"] - rounds[0]["started_at"]
     return {"setup_s": total - rounds_s, "rounds_s": rounds_s, "round_s": [r["time_s"] for r in rounds],
-            "updates": sum(r["replies"] for r in rounds), "peak_bytes": hwm_bytes(os.getpid()), "threads": 1,
+            "updates": sum(r["replies"] for r in rounds), "peak_bytes": hwm_bytes(os.getpid()),
+            "threads": torch.get_num_threads(),
             "load": [load0, load_average()]}
 
 
