@@ -1,11 +1,14 @@
 """Everything that depends on Flower's internals, in one place, for Flower 1.39.x only:
-the replacement of the simulation's message dispatcher. ``SUPPORTED`` is False on any
+the replacement of the simulation's message dispatcher, and of its backend by the cohort
+backend (``simulation_backend``). ``SUPPORTED`` is False on any
 other Flower version, and then nothing is replaced (tests/unit/test_compat.py fails
 loudly so that the replacement is re-checked against the new version's source)."""
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
+from typing import Iterator
 
 import flwr
 from flwr.server.superlink.fleet.vce import vce_api
@@ -71,3 +74,22 @@ def install_fast_dispatch() -> bool:
         _ORIGINAL_DISPATCH = vce_api.add_messages_to_queue
         vce_api.add_messages_to_queue = _fast_add_messages_to_queue
     return True
+
+
+@contextmanager
+def simulation_backend(backend_cls: type | None) -> Iterator[bool]:
+    """Within the block, Flower 1.39's simulation runtime builds ``backend_cls`` where it
+    would build its Ray backend (``vce_api.start_vce`` imports ``RayBackend`` from
+    ``backend.raybackend`` when it starts). None, or another Flower version: Ray, as is.
+    Yields whether the replacement is in place."""
+    if backend_cls is None or not SUPPORTED:
+        yield False
+        return
+    from flwr.server.superlink.fleet.vce.backend import raybackend
+
+    original = raybackend.RayBackend
+    raybackend.RayBackend = backend_cls
+    try:
+        yield True
+    finally:
+        raybackend.RayBackend = original

@@ -3,7 +3,10 @@
     python -m fedcoe_flwr.simulate --config configs/smoke.yaml --set algorithm=fedavg num_rounds=3
 
 Same ServerApp logic (``run_server``) and the same ClientApp as ``flwr run .``; the
-number of simulated SuperNodes is taken from the config. The comparison runner
+number of simulated SuperNodes is taken from the config. Where ``uses_cohorts`` (config
+key ``simulation_training``), the simulation runs on the cohort backend (``fedcoe_flwr.cohort.backend``):
+each round's training messages are trained in one vectorised cohort, in this process,
+instead of one by one in Ray actors. The comparison runner
 calls this once per (method, seed) in a fresh process."""
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from flwr.simulation import run_simulation
 
 from client_app.app import app as client_app
 
-from .compat import install_fast_dispatch
+from .cohort.backend import CohortBackend
+from .compat import install_fast_dispatch, simulation_backend
+from .config import ExperimentConfig
 from .cli import user_errors
 from .server.run import run_server, server_config
 
@@ -67,10 +72,28 @@ def simulate(run_config: dict[str, Any], num_cpus_per_client: float = 1.0, num_g
 
     if num_gpus_per_client is None:
         num_gpus_per_client = default_num_gpus(cfg.device, num_cpus_per_client)
-    backend = {"client_resources": {"num_cpus": num_cpus_per_client, "num_gpus": num_gpus_per_client}}
+    backend = {"client_resources": {"num_cpus": num_cpus_per_client, "num_gpus": num_gpus_per_client},
+               "cohort": {"cohort_size": max(cohort_size(cfg), 1), "chunk_size": cfg.cohort_chunk_size}}
     install_fast_dispatch()
-    run_simulation(server, client_app, num_supernodes=cfg.num_partitions, backend_config=backend)
+    with simulation_backend(CohortBackend if uses_cohorts(cfg) else None):
+        run_simulation(server, client_app, num_supernodes=cfg.num_partitions, backend_config=backend)
     return result
+
+
+def uses_cohorts(cfg: ExperimentConfig, cuda_available: bool | None = None) -> bool:
+    """Train each round's clients as vectorised cohorts (docs/COHORT.md)? With
+    ``simulation_training: auto`` only where it is faster, on a GPU; on CPU the per-client
+    loop measured faster (benchmarks/README.md)."""
+    if cfg.simulation_training != "auto":
+        return cfg.simulation_training == "cohort"
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    return cuda_available and cfg.device != "cpu"
+
+
+def cohort_size(cfg: ExperimentConfig) -> int:
+    """Training messages the cohort backend collects at most: a round's sampled clients."""
+    return int(round(cfg.fraction_train * cfg.num_clients)) + cfg.num_coldstart_clients
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,7 @@ import torch
 
 from ..config import ExperimentConfig, Section
 from ..data import ClientData
-from .training import accuracy
+from .training import LocalTask, accuracy, run_task
 
 Arrays = dict[str, torch.Tensor]
 Predictor = Callable[[torch.Tensor], torch.Tensor]
@@ -148,9 +148,23 @@ class Algorithm:
                                               num_classes, device))
 
     # ---- client side ---------------------------------------------------------
+    # why ``local_task`` is None (a method that trains its own way): the cohort executor then
+    # trains its clients one by one, and logs this
+    cohort_fallback = "the method defines no local task"
+
+    def local_task(self, step: ClientStep) -> LocalTask | None:
+        """The client's local update as a ``LocalTask`` (its model, the method's local loss as
+        a pure function, and how the reply is made from the trained model), or None where the
+        method trains its own way. The per-client path (``client_train``) and the cohort
+        executor (``fedcoe_flwr.cohort``) both train from it: one copy of the method's math."""
+        return None
+
     def client_train(self, step: ClientStep) -> tuple[Arrays, Arrays | None, dict[str, Any]]:
         """-> (arrays to upload, new private state, metrics incl. num_samples, train_loss)."""
-        raise NotImplementedError
+        task = self.local_task(step)
+        if task is None:
+            raise NotImplementedError(f"{self.name} defines neither local_task nor client_train")
+        return run_task(task, step.cfg, step.device)
 
     def client_predict(self, step: ClientStep) -> Predictor:
         """The client's personalised model as x -> class probabilities."""

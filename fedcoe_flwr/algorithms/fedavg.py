@@ -3,16 +3,16 @@ With ``prox_mu`` > 0 the local loss gets FedProx's (mu/2)||w - w_global||^2 term
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 
 from ..config import ExperimentConfig
-from ..data import ClientData
 from ..models import build_expert
 from .base import Algorithm, ClientStep, Predictor, Reply, ServerState
-from .training import (Arrays, load_module, prefixed, proximal_term, run_local_epochs, seeded_init,
+from .training import (Arrays, LocalTask, Trained, load_module, prefixed, proximal_term, seeded_init,
                        softmax_predictor, state_of, unprefixed, weighted_average)
 
 PREFIX = "model."
@@ -23,19 +23,14 @@ def build_model(cfg: ExperimentConfig, num_classes: int, state: Mapping[str, tor
     return load_module(build_expert(cfg, num_classes), state, device)
 
 
-def local_update(model: torch.nn.Module, data: ClientData, cfg: ExperimentConfig, device: torch.device,
-                 seed: int, prox_mu: float) -> float:
-    """Cross-entropy SGD on the whole model, plus the proximal term when prox_mu > 0."""
-    anchor = {k: v.detach().clone() for k, v in model.named_parameters()}
-
-    def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        loss = F.cross_entropy(model(x), y) + cfg.load_balance_weight * model.load_balance_loss()
-        if prox_mu > 0:
-            loss = loss + prox_mu / 2 * proximal_term([model], [anchor])
-        return loss
-
-    return run_local_epochs(list(model.parameters()), [model], data, cfg, device, seed, loss_fn)
-
+def local_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, start: Mapping[str, torch.Tensor], *,
+               load_balance_weight: float, prox_mu: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Cross-entropy on the whole model (plus the ResNet-MoE routers' load balance), plus
+    the proximal term to the starting model when prox_mu > 0."""
+    loss = F.cross_entropy(model(x), y) + load_balance_weight * model.load_balance_loss()
+    if prox_mu > 0:
+        loss = loss + prox_mu / 2 * proximal_term([model], [start])
+    return loss, {}
 
 
 class FedAvg(Algorithm):
@@ -59,12 +54,17 @@ class FedAvg(Algorithm):
     def global_predict(self, state, cfg, num_classes, device):
         return softmax_predictor(build_model(cfg, num_classes, unprefixed(PREFIX, state.arrays), device))
 
-    def client_train(self, step: ClientStep) -> tuple[Arrays, Arrays | None, dict[str, Any]]:
-        arrays, data, cfg, num_classes, device, seed = (
-            step.arrays, step.data, step.cfg, step.num_classes, step.device, step.seed)
-        model = build_model(cfg, num_classes, unprefixed(PREFIX, arrays), device)
-        loss = local_update(model, data, cfg, device, seed, self.proximal_weight(cfg))
-        return prefixed(PREFIX, state_of(model)), None, {"num_samples": data.num_train, "train_loss": loss}
+    def local_task(self, step: ClientStep) -> LocalTask:
+        cfg, data = step.cfg, step.data
+        model = build_model(cfg, step.num_classes, unprefixed(PREFIX, step.arrays), step.device)
+        prox_mu = self.proximal_weight(cfg)
+
+        def finish(model: torch.nn.Module, trained: Trained) -> tuple[Arrays, Arrays | None, dict[str, Any]]:
+            return prefixed(PREFIX, state_of(model)), None, {"num_samples": data.num_train,
+                                                             "train_loss": trained.mean_loss}
+
+        return LocalTask(model, partial(local_loss, load_balance_weight=cfg.load_balance_weight, prox_mu=prox_mu),
+                         finish, data, step.seed, uses_start=prox_mu > 0)
 
     def client_predict(self, step: ClientStep) -> Predictor:
         arrays, cfg, num_classes, device = step.arrays, step.cfg, step.num_classes, step.device

@@ -324,6 +324,9 @@ class FedMoEDA(Algorithm):
     Params = FedMoEDAParams
     has_global_model = False
     coldstart_needs_client_parts = True
+    cohort_fallback = ("top-1 routing runs each expert only on the samples routed to it, a data-dependent split "
+                       "of the batch that vmap cannot batch over clients; a dense form would run every expert on "
+                       "every sample (K times the compute)")
 
     # ---- server side
     def init_state(self, cfg: ExperimentConfig, num_classes: int) -> ServerState:

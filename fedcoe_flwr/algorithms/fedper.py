@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from ..config import ExperimentConfig, Section, bad_value
 from ..models import SmallCNN, small_cnn
 from .base import Algorithm, ClientStep, Predictor, Reply, ServerState
-from .training import (Arrays, prefixed, run_local_epochs, seeded_init, softmax_predictor, state_of, unprefixed,
+from .training import (Arrays, LocalTask, Trained, prefixed, seeded_init, softmax_predictor, state_of, unprefixed,
                        weighted_average)
 
 BODY = "body."
@@ -82,6 +82,12 @@ def build_client_model(cfg: ExperimentConfig, num_classes: int, body: Mapping[st
 
 
 
+def local_loss(model: SmallCNN, x: torch.Tensor, y: torch.Tensor, start: Mapping[str, torch.Tensor]
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Body and head trained together with cross-entropy."""
+    return F.cross_entropy(model(x), y), {}
+
+
 class FedPer(Algorithm):
     name = "fedper"
     Params = SmallCNNParams
@@ -111,18 +117,18 @@ class FedPer(Algorithm):
         return arrays, {"num_heads_averaged": len(heads)}
 
     # ---- client side
-    def client_train(self, step: ClientStep) -> tuple[Arrays, Arrays | None, dict[str, Any]]:
-        arrays, private, data, cfg, num_classes, device, seed = (
-            step.arrays, step.private, step.data, step.cfg, step.num_classes, step.device, step.seed)
+    def local_task(self, step: ClientStep) -> LocalTask:
+        private, data = step.private, step.data
         head = unprefixed(HEAD, private) if private else None
-        model = build_client_model(cfg, num_classes, unprefixed(BODY, arrays), head, device, self.body_layers)
+        model = build_client_model(step.cfg, step.num_classes, unprefixed(BODY, step.arrays), head, step.device,
+                                   self.body_layers)
 
-        def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return F.cross_entropy(model(x), y)
+        def finish(model: SmallCNN, trained: Trained) -> tuple[Arrays, Arrays | None, dict[str, Any]]:
+            body, head = split_state(state_of(model), self.body_layers)
+            return prefixed(BODY, body), prefixed(HEAD, head), {"num_samples": data.num_train,
+                                                                "train_loss": trained.mean_loss}
 
-        loss = run_local_epochs(list(model.parameters()), [model], data, cfg, device, seed, loss_fn)
-        body, head = split_state(state_of(model), self.body_layers)
-        return prefixed(BODY, body), prefixed(HEAD, head), {"num_samples": data.num_train, "train_loss": loss}
+        return LocalTask(model, local_loss, finish, data, step.seed)
 
     def client_predict(self, step: ClientStep) -> Predictor:
         arrays, private, cfg, num_classes, device = step.arrays, step.private, step.cfg, step.num_classes, step.device

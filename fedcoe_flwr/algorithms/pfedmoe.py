@@ -56,7 +56,8 @@ from torch import nn
 
 from ..config import ExperimentConfig, bad_value
 from .base import Algorithm, ClientStep, Predictor, Reply, ServerState
-from .training import Arrays, common_seed, prefixed, run_local_epochs, seeded_init, state_of, unprefixed, weighted_average
+from .training import (Arrays, LocalTask, Trained, common_seed, prefixed, seeded_init, state_of, unprefixed,
+                       weighted_average)
 from .fedper import SmallCNNParams
 
 GLOBAL = "global."
@@ -256,6 +257,14 @@ def average_local_parts(client_parts: list[tuple[Mapping[str, torch.Tensor], int
     return out, {"coldstart_group_size": len(best), "coldstart_local_channels": [c1, c2]}
 
 
+def local_loss(model: PFedMoEModel, x: torch.Tensor, y: torch.Tensor, start: Mapping[str, torch.Tensor]
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Cross-entropy of the head on the gate-mixed representation: all four parts train
+    together. Statistic: the gate's summed weight on the global expert."""
+    r, w = model.mix(x)
+    return F.cross_entropy(model.head(r), y), {"gate_global": w[:, 0].detach().sum()}
+
+
 # ============================================================== the method
 @dataclass(frozen=True)
 class PFedMoEParams(SmallCNNParams):
@@ -305,24 +314,19 @@ class PFedMoE(Algorithm):
         return {**dict(state.arrays), **local}, info
 
     # ---- client side
-    def client_train(self, step: ClientStep) -> tuple[Arrays, Arrays | None, dict[str, Any]]:
-        arrays, config, private, data, cfg, num_classes, device, seed = (
-            step.arrays, step.config, step.private, step.data, step.cfg, step.num_classes, step.device, step.seed)
+    def local_task(self, step: ClientStep) -> LocalTask:
+        private, data, cfg = step.private, step.data, step.cfg
         if not private:
-            private = initial_private(cfg, num_classes, float(config["local_width"]))
-        model = build_client_model(cfg, num_classes, arrays, private, device)
-        gate_sum, count = 0.0, 0
+            private = initial_private(cfg, step.num_classes, float(step.config["local_width"]))
+        model = build_client_model(cfg, step.num_classes, step.arrays, private, step.device)
 
-        def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            nonlocal gate_sum, count
-            r, w = model.mix(x)
-            gate_sum += float(w[:, 0].detach().sum())
-            count += x.shape[0]
-            return F.cross_entropy(model.head(r), y)
+        def finish(model: PFedMoEModel, trained: Trained) -> tuple[Arrays, Arrays | None, dict[str, Any]]:
+            return model.shared_state(), model.private_state(), {
+                "num_samples": data.num_train, "train_loss": trained.mean_loss,
+                "gate_global_mean": trained.sums.get("gate_global", 0.0) / max(trained.samples, 1)}
 
-        loss = run_local_epochs(list(model.parameters()), [model], data, cfg, device, seed, loss_fn)
-        return model.shared_state(), model.private_state(), {
-            "num_samples": data.num_train, "train_loss": loss, "gate_global_mean": gate_sum / max(count, 1)}
+        # clients of different local widths have different shapes: they never stack together
+        return LocalTask(model, local_loss, finish, data, step.seed, signature=local_channels_of(private))
 
     def client_predict(self, step: ClientStep) -> Predictor:
         arrays, config, private, cfg, num_classes, device = (

@@ -1,10 +1,12 @@
 """What the methods' own modules share: state-dict plumbing, weighted averaging, the
-local SGD loop and prediction/accuracy helpers."""
+local SGD loop (and ``LocalTask``, a client's local update as the per-client loop and the
+cohort executor both run it) and prediction/accuracy helpers."""
 
 from __future__ import annotations
 
 import zlib
-from typing import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Hashable, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -103,28 +105,121 @@ def proximal_term(modules: Iterable[nn.Module], anchors: Iterable[Mapping[str, t
     return total if total is not None else torch.zeros(())
 
 
+def local_batches(data: ClientData, cfg: ExperimentConfig, device: torch.device, seed: int
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The batches local training steps on, in order, over ``cfg.local_epochs`` epochs,
+    shuffled (and augmented) with the client's own seed; a batch of one after the first
+    is dropped, not trained on (it breaks BatchNorm). The per-client loop and the cohort
+    executor both take their batches from here, so a client steps on the same batches
+    whichever path trains it and whichever clients it is trained with."""
+    generator = torch.Generator().manual_seed(seed)
+    first = True
+    for _ in range(cfg.local_epochs):
+        for xb, yb in batches(data.train_x, data.train_y, cfg.batch_size, device, generator, cfg.augment):
+            if xb.shape[0] < 2 and not first:
+                continue
+            first = False
+            yield xb, yb
+
+
+def check_finite(loss: torch.Tensor, cfg: ExperimentConfig, who: str = "local training") -> None:
+    if not bool(torch.isfinite(loss).all()):
+        raise FloatingPointError(f"{who} loss became {loss.tolist()}; lower lr ({cfg.lr})")
+
+
 def run_local_epochs(params: list[nn.Parameter], modules: list[nn.Module], data: ClientData,
                      cfg: ExperimentConfig, device: torch.device, seed: int,
                      loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> float:
     """Local SGD over ``cfg.local_epochs`` epochs; returns the mean training loss."""
     optimizer = make_optimizer(params, cfg)
-    generator = torch.Generator().manual_seed(seed)
     for m in modules:
         m.train()
     total, count = 0.0, 0
-    for _ in range(cfg.local_epochs):
-        for xb, yb in batches(data.train_x, data.train_y, cfg.batch_size, device, generator, cfg.augment):
-            if xb.shape[0] < 2 and count > 0:
-                continue  # a batch of one breaks BatchNorm; it is dropped, not trained on
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(xb, yb)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"local training loss became {loss.item()}; lower lr ({cfg.lr})")
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * xb.shape[0]
-            count += xb.shape[0]
+    for xb, yb in local_batches(data, cfg, device, seed):
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(xb, yb)
+        check_finite(loss, cfg)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * xb.shape[0]
+        count += xb.shape[0]
     return total / max(count, 1)
+
+
+# ------------------------------------------------------------------ one client's local update
+Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor, Mapping[str, torch.Tensor]],
+                     tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+@dataclass
+class Trained:
+    """What local training measured: the sample-weighted mean loss, the objective's
+    per-batch statistics summed over the batches, and how many samples were stepped on."""
+
+    mean_loss: float
+    sums: dict[str, float]
+    samples: int
+
+
+@dataclass
+class LocalTask:
+    """One client's local update, split so that the per-client loop (``run_task``) and the
+    cohort executor (``fedcoe_flwr.cohort``) run the same math.
+
+    ``model``: the client's model holding its starting parameters (the cohort path reads it
+    as the functional template and writes the trained parameters back into it).
+    ``objective(model, x, y, start)``: the method's local loss, a pure function of the
+    model's parameters and buffers, the batch and ``start`` (the parameters when training
+    began, by ``named_parameters`` name; FedProx's anchor; empty unless ``uses_start``);
+    returns (loss, per-batch statistics to sum, each a 0-d tensor). It may call any method
+    of ``model`` but must not keep state between calls other than buffers (BatchNorm).
+    ``finish(model, trained)``: ``client_train``'s result from the trained model.
+    ``signature``: clients whose tasks have equal signatures (and parameter shapes) share
+    the objective's constants and stack into one vectorised cohort."""
+
+    model: nn.Module
+    objective: Objective
+    finish: Callable[[nn.Module, Trained], tuple[Arrays, Arrays | None, dict[str, Any]]]
+    data: ClientData
+    seed: int
+    signature: Hashable = ()
+    uses_start: bool = False
+
+
+def start_parameters(model: nn.Module) -> Arrays:
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def module_anchors(model: nn.Module, modules: Iterable[nn.Module], start: Mapping[str, torch.Tensor]
+                   ) -> list[Arrays]:
+    """``start`` (by the model's parameter names) split into one anchor per submodule, by
+    that submodule's own parameter names (``proximal_term``'s anchors)."""
+    names = {id(m): name for name, m in model.named_modules()}
+    out = []
+    for module in modules:
+        prefix = names[id(module)] + "." if names[id(module)] else ""
+        out.append({n: start[prefix + n] for n, _ in module.named_parameters()})
+    return out
+
+
+def run_task(task: LocalTask, cfg: ExperimentConfig, device: torch.device
+             ) -> tuple[Arrays, Arrays | None, dict[str, Any]]:
+    """The per-client path: ``run_local_epochs`` on the task's own model."""
+    model = task.model
+    start = start_parameters(model) if task.uses_start else {}
+    sums: dict[str, float] = {}
+    samples = 0
+
+    def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        nonlocal samples
+        loss, stats = task.objective(model, x, y, start)
+        for key, value in stats.items():
+            sums[key] = sums.get(key, 0.0) + float(value)
+        samples += x.shape[0]
+        return loss
+
+    loss = run_local_epochs(list(model.parameters()), [model], task.data, cfg, device, task.seed, loss_fn)
+    return task.finish(model, Trained(loss, sums, samples))
 
 
 def nll_of_probs(probs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

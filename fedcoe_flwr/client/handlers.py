@@ -1,6 +1,7 @@
 """ClientApp handlers: one shared preamble (``Call``) unpacks the message, then each
 handler calls the method's client hook and packs the reply. The same code runs in Ray
-simulation and on a networked SuperNode."""
+simulation and on a networked SuperNode; ``handle_train_cohort`` answers several nodes'
+training messages with one vectorised cohort (the simulation's cohort backend)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from flwr.app import Context, Message, RecordDict
 from ..algorithms import get_algorithm
 from ..algorithms.base import Algorithm, ClientStep
 from ..algorithms.training import accuracy
+from ..cohort import DEFAULT_CHUNK_SIZE, train_clients
 from ..config import ExperimentConfig
 from ..data import ClientData, DataError, federation_classes, is_coldstart, load_global_test
 from ..models import pick_device
@@ -94,21 +96,72 @@ def load_site_data_checked(role: NodeRole, cfg: ExperimentConfig) -> ClientData:
     return data
 
 
+@dataclass
+class TrainCall:
+    """A training call up to the training itself: its ``Call``, the method's step and the
+    private parts it started from (and where they came from, for the journal)."""
+
+    call: Call
+    step: ClientStep
+    private_in: dict[str, torch.Tensor] | None
+    source: str
+
+    @classmethod
+    def of(cls, msg: Message, context: Context) -> "TrainCall":
+        call = Call.of(msg, context)
+        role, cfg, pid = call.role, call.cfg, call.index
+        if (is_coldstart(cfg, pid) or role.coldstart) and not call.config.get("joined"):
+            raise ValueError(f"client {pid} ({role.key}) is a cold-start client and must never train")
+        private_in, source = private_parts(context, role, cfg, before_round=call.server_round)
+        return cls(call, call.step(private_in, call.data(), client_seed(cfg, pid, call.server_round)), private_in,
+                   source)
+
+    def reply(self, result: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, dict[str, Any]],
+              train_time_s: float) -> Message:
+        """Save the new private parts, journal them and reply with the upload."""
+        call, role, cfg = self.call, self.call.role, self.call.cfg
+        upload, private, metrics = result
+        metrics["train_time_s"] = train_time_s
+        if private:
+            crc_out = save_private_state(role, cfg, call.context, private, call.server_round)
+            journal(role, cfg, {"round": call.server_round, "phase": "train", "source": self.source,
+                                "crc_in": state_checksum(self.private_in), "crc_out": crc_out,
+                                "run_id": int(call.context.run_id)})
+        return call.reply(upload, metrics)
+
+
 def handle_train(msg: Message, context: Context) -> Message:
-    call = Call.of(msg, context)
-    role, cfg, pid = call.role, call.cfg, call.index
-    if (is_coldstart(cfg, pid) or role.coldstart) and not call.config.get("joined"):
-        raise ValueError(f"client {pid} ({role.key}) is a cold-start client and must never train")
-    private_in, source = private_parts(context, role, cfg, before_round=call.server_round)
+    train = TrainCall.of(msg, context)
     started = time.perf_counter()
-    upload, private, metrics = call.algorithm.client_train(
-        call.step(private_in, call.data(), client_seed(cfg, pid, call.server_round)))
-    metrics["train_time_s"] = time.perf_counter() - started
-    if private:
-        crc_out = save_private_state(role, cfg, context, private, call.server_round)
-        journal(role, cfg, {"round": call.server_round, "phase": "train", "source": source,
-                            "crc_in": state_checksum(private_in), "crc_out": crc_out, "run_id": int(context.run_id)})
-    return call.reply(upload, metrics)
+    result = train.call.algorithm.client_train(train.step)
+    return train.reply(result, time.perf_counter() - started)
+
+
+def handle_train_cohort(calls: list[tuple[Message, Context]], chunk_size: int = DEFAULT_CHUNK_SIZE
+                        ) -> list[Message | Exception]:
+    """Several nodes' training messages in one call (simulation, ``cohort.backend``): each
+    call prepared and answered as ``handle_train`` does, the training of all of them one
+    ``cohort.train_clients`` call. Returns each call's reply, or the exception that failed
+    it (a bad call fails alone; a failure in training fails the whole cohort). Each reply's
+    ``train_time_s`` is the cohort's training time shared equally."""
+    out: list[Message | Exception | None] = [None] * len(calls)
+    prepared: list[tuple[int, TrainCall]] = []
+    for i, (msg, context) in enumerate(calls):
+        try:
+            prepared.append((i, TrainCall.of(msg, context)))
+        except Exception as err:  # noqa: BLE001 - reported as this call's error reply
+            out[i] = err
+    if prepared:
+        try:
+            started = time.perf_counter()
+            results = train_clients(prepared[0][1].call.algorithm, [t.step for _, t in prepared], chunk_size)
+            share = (time.perf_counter() - started) / len(prepared)
+            for (i, train), result in zip(prepared, results):
+                out[i] = train.reply(result, share)
+        except Exception as err:  # noqa: BLE001
+            for i, _ in prepared:
+                out[i] = out[i] if isinstance(out[i], Message) else err
+    return out  # type: ignore[return-value]
 
 
 def handle_evaluate(msg: Message, context: Context) -> Message:

@@ -18,6 +18,7 @@ MODELS = ("cnn", "resnet_moe")
 NORMS = ("batch", "group", "none")
 DEVICES = ("auto", "cpu", "cuda")
 ROBUST_RULES = ("mean", "median", "trimmed_mean")
+SIMULATION_TRAINING = ("auto", "cohort", "per_client")
 
 # The run-config value that means "not overridden: keep the YAML / default value".
 # Flower fuses pyproject defaults with overrides before the ServerApp sees them, so
@@ -188,10 +189,16 @@ class TrainingSection(Section):
     weight_decay: float = 0.0
     load_balance_weight: float = 0.01  # weight of the ResNet-MoE / expert load-balancing loss
     eval_batch_size: int = 512
+    # how a simulation trains a round's clients: "cohort" (one vectorised pass, docs/COHORT.md),
+    # "per_client" (one by one in Ray actors), "auto" (cohort with a GPU; per_client on CPU,
+    # where cohorts measured slower). Deployments always train one by one
+    simulation_training: str = "auto"
+    cohort_chunk_size: int = 64  # clients stacked at once by the cohort executor (memory bound)
 
     def check(self, cfg: "ExperimentConfig") -> None:
         require(self, ge0=("momentum", "weight_decay", "load_balance_weight"),
-                ge1=("local_epochs", "batch_size", "eval_batch_size"), gt0=("lr",))
+                ge1=("local_epochs", "batch_size", "eval_batch_size", "cohort_chunk_size"), gt0=("lr",),
+                choices={"simulation_training": SIMULATION_TRAINING})
 
 
 @dataclass(frozen=True)

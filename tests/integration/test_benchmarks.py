@@ -51,3 +51,13 @@ def test_scale_prints_rounds_per_minute_and_memory():
     rows = re.findall(rf"^\s+[12]\s+{NUMBER}\s+\d+\s+(\d+)\s+", out, re.M)
     assert len(rows) == 2 and all(int(r) > 0 for r in rows), out
     assert "memory after round 1" in out
+
+
+def test_cohort_prints_speedup_and_same_work():
+    out = run_script("cohort.py", "--num-clients", "6", "--clients", "3", "--rounds", "1", "--algorithms", "fedavg",
+                     "--threads", "1", timeout=400)
+    assert re.search(rf"fedavg cohort vs plain loop: {NUMBER}x client updates/s", out), out
+    dw = re.search(r"max\|dw\| loop vs cohort ([0-9.e+-]+)", out)
+    assert dw and float(dw[1]) < 1e-4, out  # the same clients, batches and steps
+    for path in ("plain loop, 1 thread", "cohort, 1 thread"):
+        assert re.search(rf"{path}\s+{NUMBER} s\s+{NUMBER} client updates/s\s+{NUMBER} rounds/min\s+peak", out), out

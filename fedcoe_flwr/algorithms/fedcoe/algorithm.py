@@ -14,6 +14,7 @@ docs/algorithms/fedcoe.md."""
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -23,8 +24,8 @@ import torch
 from ...config import ExperimentConfig
 from ...models import build_expert
 from ..base import Algorithm, ClientStep, Predictor, Reply, ServerState
-from ..training import (Arrays, accuracy, nll_of_probs, predict_probs, prefixed, proximal_term, run_local_epochs,
-                        seeded_init, state_of, unprefixed, weighted_average)
+from ..training import (Arrays, LocalTask, Trained, accuracy, module_anchors, nll_of_probs, predict_probs, prefixed,
+                        proximal_term, seeded_init, state_of, unprefixed, weighted_average)
 from .aggregation import aggregate_pool, expert_set, routing_diagnostics
 from .coldstart import NewClientModel, adapt_new_client, coldstart_evaluate
 from .model import (CLASS_MARGINAL, CORRELATION, GATE, TRAIN_PRIOR, TRUNK, FedCoEModel, build_client_model,
@@ -32,6 +33,25 @@ from .model import (CLASS_MARGINAL, CORRELATION, GATE, TRAIN_PRIOR, TRUNK, FedCo
 from .params import FedCoEParams, experts_per_client
 from .plots import plot_correlation
 from .priors import as_prior, prior_correct
+
+
+def local_loss(model: FedCoEModel, x: torch.Tensor, y: torch.Tensor, start: Mapping[str, torch.Tensor], *,
+               cfg: ExperimentConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """NLL of the personalised prediction, plus (docs/algorithms/fedcoe.md) the global
+    mixture's own NLL, the local part's own NLL, the routers' load balance and the proximal
+    term of the shared parts to where they started."""
+    p, mix, local = model.parts(x)
+    loss = nll_of_probs(p, y)
+    if model.local is not None and cfg.aux_weight > 0:
+        loss = loss + cfg.aux_weight * nll_of_probs(mix, y)  # keeps the pool trained
+    if local is not None and cfg.local_loss_weight > 0:  # the local part a classifier on its own
+        loss = loss + cfg.local_loss_weight * nll_of_probs(local, y)
+    if cfg.load_balance_weight > 0:
+        loss = loss + cfg.load_balance_weight * model.load_balance_loss()
+    if cfg.prox_mu > 0:
+        shared = model.shared_modules()
+        loss = loss + cfg.prox_mu / 2 * proximal_term(shared, module_anchors(model, shared, start))
+    return loss, {}
 
 
 class FedCoE(Algorithm):
@@ -185,40 +205,29 @@ class FedCoE(Algorithm):
         return lambda x: prior_correct(model.mixture(x, per_sample_top=top)[0], uniform, prior)
 
     # ---- client side
-    def client_train(self, step: ClientStep) -> tuple[Arrays, Arrays | None, dict[str, Any]]:
-        arrays, config, private, data, cfg, num_classes, device, seed = (
-            step.arrays, step.config, step.private, step.data, step.cfg, step.num_classes, step.device, step.seed)
+    def local_task(self, step: ClientStep) -> LocalTask:
+        config, private, data, cfg, num_classes, device = (
+            step.config, step.private, step.data, step.cfg, step.num_classes, step.device)
         ids = [int(k) for k in config["expert_ids"]]
-        model = build_client_model(cfg, num_classes, arrays, ids, private, device, private_seed=seed)
+        model = build_client_model(cfg, num_classes, step.arrays, ids, private, device, private_seed=step.seed)
         if model.prior_correction:
             model.set_local_prior(data.train_y, num_classes)
-        shared = model.shared_modules()
-        anchors = [{k: v.detach().clone() for k, v in m.named_parameters()} for m in shared]
-        has_local = model.local is not None
 
-        def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            p, mix, local = model.parts(x)
-            loss = nll_of_probs(p, y)
-            if has_local and cfg.aux_weight > 0:
-                loss = loss + cfg.aux_weight * nll_of_probs(mix, y)  # keeps the pool trained
-            if local is not None and cfg.local_loss_weight > 0:  # the local part a classifier on its own
-                loss = loss + cfg.local_loss_weight * nll_of_probs(local, y)
-            if cfg.load_balance_weight > 0:
-                loss = loss + cfg.load_balance_weight * model.load_balance_loss()
-            if cfg.prox_mu > 0:
-                loss = loss + cfg.prox_mu / 2 * proximal_term(shared, anchors)
-            return loss
+        def finish(model: FedCoEModel, trained: Trained) -> tuple[Arrays, Arrays | None, dict[str, Any]]:
+            model.eval()
+            row = predict_probs(model.gate_probs, data.train_x, cfg, device).mean(0)
+            upload = model.shared_state()
+            upload[CORRELATION] = row.float()
+            # mean predicted class probabilities of the global mixture (no labels): the server's
+            # sample-weighted mean is the training prior the cold-start EM correction needs
+            upload[CLASS_MARGINAL] = predict_probs(lambda x: model.mixture(x)[0], data.train_x, cfg, device
+                                                   ).mean(0).float()
+            return upload, (model.private_state() or None), {"num_samples": data.num_train,
+                                                             "train_loss": trained.mean_loss}
 
-        loss = run_local_epochs(list(model.parameters()), [model], data, cfg, device, seed, loss_fn)
-        model.eval()
-        row = predict_probs(model.gate_probs, data.train_x, cfg, device).mean(0)
-        upload = model.shared_state()
-        upload[CORRELATION] = row.float()
-        # mean predicted class probabilities of the global mixture (no labels): the server's
-        # sample-weighted mean is the training prior the cold-start EM correction needs
-        upload[CLASS_MARGINAL] = predict_probs(lambda x: model.mixture(x)[0], data.train_x, cfg, device
-                                               ).mean(0).float()
-        return upload, (model.private_state() or None), {"num_samples": data.num_train, "train_loss": loss}
+        # the expert set names the parameters (expert.<k>.*) and picks the gate's columns
+        return LocalTask(model, partial(local_loss, cfg=cfg), finish, data, step.seed, signature=tuple(ids),
+                         uses_start=cfg.prox_mu > 0)
 
     def client_predict(self, step: ClientStep) -> Predictor:
         arrays, config, private, cfg, num_classes, device = (
