@@ -77,8 +77,9 @@ class Evaluator:
             else:
                 personal.append((metrics["accuracy"], int(metrics["num_test"]), metrics.get("global_accuracy")))
         out: dict[str, Any] = {}
-        if personal:
-            out.update(summarise_personalised([p[0] for p in personal], [p[1] for p in personal]))
+        scored = [p for p in personal if p[1] > 0]  # test_fraction 0: clients train on all, nothing to score
+        if scored:
+            out.update(summarise_personalised([p[0] for p in scored], [p[1] for p in scored]))
             if not self.algorithm.has_global_model:
                 out["global_accuracy"] = float(np.mean([p[2] for p in personal]))
                 out["global_accuracy_source"] = "mean of client models"
