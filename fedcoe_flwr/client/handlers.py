@@ -12,6 +12,7 @@ import torch
 from flwr.app import Context, Message, RecordDict
 
 from ..algorithms import get_algorithm
+from ..algorithms.adaptation import MEAN_PROBS_KEY, mean_prediction
 from ..algorithms.base import Algorithm, ClientStep
 from ..algorithms.training import accuracy
 from ..config import ExperimentConfig
@@ -142,3 +143,14 @@ def handle_coldstart(msg: Message, context: Context) -> Message:
     metrics = call.algorithm.client_coldstart(call.step(None, data))
     metrics.setdefault("num_test", int(len(data.test_y)))
     return call.reply(None, metrics)
+
+
+def handle_prior(msg: Message, context: Context) -> Message:
+    """A training client's share of the federation's predicted training prior: the mean class
+    probabilities of the new-client model (the cold-start package) on its training images.
+    No labels leave the node, only num_classes floats."""
+    call = Call.of(msg, context)
+    data = call.data()
+    predict, _ = call.algorithm.new_client_model(call.step(None, None))
+    return call.reply(None, {MEAN_PROBS_KEY: mean_prediction(predict, data.train_x, call.cfg, call.device),
+                             "num_samples": data.num_train})

@@ -26,12 +26,13 @@ from ..base import Algorithm, ClientStep, Predictor, Reply, ServerState
 from ..training import (Arrays, accuracy, nll_of_probs, predict_probs, prefixed, proximal_term, run_local_epochs,
                         seeded_init, state_of, unprefixed, weighted_average)
 from .aggregation import aggregate_pool, expert_set, routing_diagnostics
-from .coldstart import NewClientModel, adapt_new_client, coldstart_evaluate
+from ..adaptation import prior_of
+from .coldstart import NewClientModel, adapt_new_client, coldstart_evaluate, pool_model
 from .model import (CLASS_MARGINAL, CORRELATION, GATE, TRAIN_PRIOR, TRUNK, FedCoEModel, build_client_model,
                     build_gate, expert_prefix, network_part)
 from .params import FedCoEParams, experts_per_client
 from .plots import plot_correlation
-from .priors import as_prior, prior_correct
+from ..adaptation import as_prior, prior_correct
 
 
 class FedCoE(Algorithm):
@@ -230,7 +231,11 @@ class FedCoE(Algorithm):
             return lambda x: model.mixture(x)[0]
         return lambda x: model(x)[0]
 
+    def new_client_model(self, step: ClientStep) -> tuple[Predictor, list[torch.nn.Module]]:
+        model = pool_model(step.arrays, step.cfg, step.num_classes, step.device)
+        return (lambda x: model.mixture(x)[0]), [model]
+
     def client_coldstart(self, step: ClientStep) -> dict[str, Any]:
         arrays, data, cfg, num_classes, device = step.arrays, step.data, step.cfg, step.num_classes, step.device
-        return coldstart_evaluate(arrays, data, cfg, num_classes, device)
+        return coldstart_evaluate(arrays, data, cfg, num_classes, device, prior_of(step.config))
 
