@@ -107,6 +107,19 @@ def test_a_run_finished_under_other_defaults_is_not_reused(tmp_path):
     assert stale_keys(fedavg, config, {"algorithm": "fedavg"}, 1) == [("lr", 0.1, 0.01)]
 
 
+def test_a_calibration_also_writes_its_methods_at_the_top_level(tmp_path):
+    results, docs = tmp_path / "results", tmp_path / "docs"
+    finished_run(results, "fedavg", 42, {"global_accuracy": 0.62, "global_accuracy_balanced": 0.63,
+                                         "source": "global model"})
+    assert main(["--config", COMPARE_CONFIG, "--seeds", "42", "--methods", "fedavg", "--results-dir", str(results),
+                 "--report-only", "--kind", "calibration", "--name", "calibration_x", "--docs-dir", str(docs),
+                 "--results-doc", str(tmp_path / "RESULTS.md")]) == 0
+    doc = json.loads((docs / "calibration_x.json").read_text())
+    assert doc["fedavg"]["global"] == {"mean": pytest.approx(63.0), "std": 0.0, "variant": "balanced"}
+    assert doc["fedavg"]["raw"]["global"]["mean"] == pytest.approx(62.0) and doc["seeds"] == [42]
+    assert doc["methods"]["fedavg"] == doc["fedavg"] and doc["rounds"] == 20
+
+
 def test_methods_file(tmp_path):
     good = tmp_path / "m.yaml"
     good.write_text("methods:\n  - fedavg\n  - fedcoe_top2:algorithm=fedcoe,top_m=2\n")
