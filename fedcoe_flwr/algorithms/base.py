@@ -156,6 +156,12 @@ class Algorithm:
         """The client's personalised model as x -> class probabilities."""
         raise NotImplementedError
 
+    def client_gate(self, step: ClientStep) -> Predictor | None:
+        """A method whose clients each route with a gate of their own (a per-client mixture): this
+        client's gate as x -> probabilities over its experts, so that evaluation measures how it
+        routes the global test set (``algorithms.specialisation``); None for any other method."""
+        return None
+
     def client_eval_upload(self, step: ClientStep) -> Arrays | None:
         """What a training client sends back at evaluation time for the cold-start model
         (only when ``coldstart_needs_client_parts``); never training data."""

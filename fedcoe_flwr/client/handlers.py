@@ -14,6 +14,7 @@ from flwr.app import Context, Message, RecordDict
 from ..algorithms import get_algorithm
 from ..algorithms.adaptation import MEAN_PROBS_KEY, mean_prediction
 from ..algorithms.base import Algorithm, ClientStep
+from ..algorithms.specialisation import client_gate_counts
 from ..algorithms.training import accuracy
 from ..config import ExperimentConfig
 from ..data import ClientData, DataError, federation_classes, is_coldstart, load_global_test
@@ -129,6 +130,9 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
             raise DataError(f"{cfg.algorithm} has no single global model, so its global accuracy is the mean of "
                             f"the client models on the global test set, which this node cannot load: {err}") from err
         metrics["global_accuracy"] = accuracy(predict, gx, gy, cfg, device)
+        gate = call.algorithm.client_gate(call.step(private, None))
+        if gate is not None:  # a per-client mixture: how its gate routes the global test set
+            metrics.update(client_gate_counts(gate, gx, gy, call.num_classes, cfg, device))
     journal(role, cfg, {"round": call.server_round, "phase": "evaluate", "source": source,
                         "crc_in": state_checksum(private), "run_id": int(context.run_id)})
     upload = call.algorithm.client_eval_upload(call.step(private, None)) \

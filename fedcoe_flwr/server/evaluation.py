@@ -21,6 +21,7 @@ from flwr.serverapp import Grid
 
 from ..algorithms.adaptation import MEAN_PROBS_KEY, TRAIN_PRIOR_KEY, balanced, federation_prior
 from ..algorithms.base import Algorithm, ServerState
+from ..algorithms.specialisation import COUNTS_KEY, mean_client_mi_bits
 from ..algorithms.training import accuracy
 from ..config import ExperimentConfig
 from ..data import load_global_test
@@ -91,6 +92,7 @@ class Evaluator:
 
     def client_metrics(self, server_round: int, replies: Iterable[Message]) -> dict[str, Any]:
         personal: list[tuple[float, int, float | None]] = []
+        gates: list[dict[str, Any]] = []  # per-client mixtures: each gate's top-expert counts
         cold: list[dict[str, Any]] = []
         for reply in replies:
             if reply.has_error():
@@ -101,6 +103,8 @@ class Evaluator:
                 cold.append(metrics)
             else:
                 personal.append((metrics["accuracy"], int(metrics["num_test"]), metrics.get("global_accuracy")))
+                if COUNTS_KEY in metrics:
+                    gates.append(metrics)
         out: dict[str, Any] = {}
         scored = [p for p in personal if p[1] > 0]  # test_fraction 0: clients train on all, nothing to score
         if scored:
@@ -108,6 +112,7 @@ class Evaluator:
             if not self.algorithm.has_global_model:
                 out["global_accuracy"] = float(np.mean([p[2] for p in personal]))
                 out["global_accuracy_source"] = "mean of client models"
+        out.update(mean_client_mi_bits(gates, self.num_classes))
         if cold:
             w = np.array([c["num_test"] for c in cold], dtype=float)
             for key in sorted({k for c in cold for k in c if k.startswith("coldstart_accuracy")}):

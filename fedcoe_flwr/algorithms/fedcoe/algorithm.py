@@ -26,7 +26,10 @@ from ..base import Algorithm, ClientStep, Predictor, Reply, ServerState
 from ..training import (Arrays, accuracy, nll_of_probs, predict_probs, prefixed, proximal_term, run_local_epochs,
                         seeded_init, state_of, unprefixed, weighted_average)
 from .aggregation import aggregate_pool, expert_set, routing_diagnostics
+from ...data import DataError, load_global_test
 from ..adaptation import prior_of
+from ..specialisation import KEYS as SPECIALISATION_KEYS
+from ..specialisation import plot_specialisation, specialisation
 from .coldstart import NewClientModel, adapt_new_client, coldstart_evaluate, pool_model
 from .model import (CLASS_MARGINAL, CORRELATION, GATE, TRAIN_PRIOR, TRUNK, FedCoEModel, build_client_model,
                     build_gate, expert_prefix, network_part)
@@ -41,7 +44,7 @@ class FedCoE(Algorithm):
     has_global_model = True
     can_join_training = True  # add_client gives the new client its own correlation row
     diagnostic_keys = ("expert_usage_entropy", "correlation_row_entropy", "correlation_spread",
-                       "expert_max_client_share", "expert_global_accuracy")
+                       "expert_max_client_share", "expert_global_accuracy") + SPECIALISATION_KEYS
 
     def init_state(self, cfg: ExperimentConfig, num_classes: int) -> ServerState:
         arrays = prefixed(GATE, state_of(seeded_init(lambda: build_gate(cfg, num_classes), cfg.seed)))
@@ -138,8 +141,29 @@ class FedCoE(Algorithm):
         return ServerState(state.arrays, extra)
 
     def write_plots(self, state: ServerState, cfg: ExperimentConfig, run_dir: Path) -> list[Path]:
-        return [plot_correlation(state.extra["correlation"], state.extra["correlation_known"],
-                                 run_dir / "correlation.png")]
+        paths = [plot_correlation(state.extra["correlation"], state.extra["correlation_known"],
+                                  run_dir / "correlation.png")]
+        try:
+            x, y = load_global_test(cfg)
+        except DataError:  # a server without the global test set: no specialisation picture
+            return paths
+        num_classes = int(state.extra["train_prior"].shape[0])
+        found = self.specialisation_of(state, cfg, num_classes, torch.device("cpu"), x, y)
+        return paths + [plot_specialisation(found, run_dir / "specialisation.png")]
+
+    def specialisation_of(self, state: ServerState, cfg: ExperimentConfig, num_classes: int, device: torch.device,
+                          x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+        """The pool's specialisation on (x, y) (``algorithms.specialisation``): the gate's top
+        expert against the class, each expert alone per class, expert against client (the rows
+        of C of the clients that trained), and each expert's accuracy alone."""
+        model = FedCoEModel(cfg, num_classes, list(range(cfg.num_experts)), with_private=False)
+        model.load_shared(state.arrays)
+        model.to(device).eval()
+        gate = predict_probs(model.gate_probs, x, cfg, device)
+        experts = [predict_probs(model.expert_alone(k), x, cfg, device) for k in range(cfg.num_experts)]
+        rows = state.extra["correlation"][state.extra["correlation_known"]]
+        return {"expert_global_accuracy": [float((p.argmax(1) == y).float().mean()) for p in experts],
+                **specialisation(gate, experts, y, num_classes, rows)}
 
     def describe(self, cfg: ExperimentConfig) -> str:
         return f"model={cfg.model} experts={cfg.num_experts} per client={experts_per_client(cfg)}"
@@ -164,14 +188,11 @@ class FedCoE(Algorithm):
                               bundle["train_prior"]).predict
 
     def global_diagnostics(self, state, cfg, num_classes, device, x, y):
-        """Each expert alone (with the trunk when shared) on the global test set."""
-        model = FedCoEModel(cfg, num_classes, list(range(cfg.num_experts)), with_private=False)
-        model.load_shared(state.arrays)
-        model.to(device).eval()
-        other = cfg.replace(global_balanced=not cfg.global_balanced)  # the global model's other variant
+        """Each expert alone (with the trunk when shared) on the global test set, the pool's
+        specialisation, and the global model's other variant (raw or balanced)."""
+        other = cfg.replace(global_balanced=not cfg.global_balanced)
         key = "global_accuracy_" + ("raw" if cfg.global_balanced else "balanced")
-        return {"expert_global_accuracy": [accuracy(model.expert_alone(k), x, y, cfg, device)
-                                           for k in range(cfg.num_experts)],
+        return {**self.specialisation_of(state, cfg, num_classes, device, x, y),
                 key: accuracy(self.global_predict(state, other, num_classes, device), x, y, cfg, device)}
 
     def global_predict(self, state, cfg, num_classes, device):
