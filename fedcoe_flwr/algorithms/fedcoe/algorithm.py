@@ -217,6 +217,7 @@ class FedCoE(Algorithm):
         shared = model.shared_modules()
         anchors = [{k: v.detach().clone() for k, v in m.named_parameters()} for m in shared]
         has_local = model.local is not None
+        assigned = assigned_expert(model, data, cfg, device) if cfg.assignment_weight > 0 else None
 
         def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             p, mix, local = model.parts(x)
@@ -229,6 +230,8 @@ class FedCoE(Algorithm):
                 loss = loss + cfg.load_balance_weight * model.load_balance_loss()
             if cfg.prox_mu > 0:
                 loss = loss + cfg.prox_mu / 2 * proximal_term(shared, anchors)
+            if assigned is not None:  # route this client's images to its assigned expert
+                loss = loss + cfg.assignment_weight * nll_of_probs(model.gate_probs(x), torch.full_like(y, assigned))
             return loss
 
         loss = run_local_epochs(list(model.parameters()), [model], data, cfg, device, seed, loss_fn)
@@ -260,3 +263,12 @@ class FedCoE(Algorithm):
         arrays, data, cfg, num_classes, device = step.arrays, step.data, step.cfg, step.num_classes, step.device
         return coldstart_evaluate(arrays, data, cfg, num_classes, device, prior_of(step.config))
 
+
+@torch.no_grad()
+def assigned_expert(model: FedCoEModel, data: Any, cfg: ExperimentConfig, device: torch.device) -> int:
+    """IFCA's cluster identity (Ghosh et al. 2020): the expert of the client's set whose own
+    prediction has the lowest cross-entropy on the client's training data."""
+    model.eval()
+    losses = {k: float(nll_of_probs(predict_probs(model.expert_alone(k), data.train_x, cfg, device), data.train_y))
+              for k in model.expert_ids}
+    return min(losses, key=losses.__getitem__)

@@ -60,3 +60,24 @@ def test_per_client_gates_report_each_clients_routing_of_the_global_test_set(tmp
 def test_methods_without_a_mixture_report_no_specialisation(tmp_path):
     loop, _ = one_round(tmp_path, algorithm="fedper")
     assert not any(k.startswith("expert_") for k in loop.history[-1])
+
+
+def test_ifca_assignment_picks_the_expert_with_the_lowest_loss_and_trains_the_gate_toward_it(tmp_path):
+    from fedcoe_flwr.algorithms.fedcoe.algorithm import assigned_expert
+    from fedcoe_flwr.algorithms.fedcoe.model import FedCoEModel
+    from fedcoe_flwr.config import from_dict
+    from fedcoe_flwr.data import ClientData
+
+    cfg = from_dict({"image_size": 16, "width_multiplier": 0.25, "num_experts": 3, "gate_width": 4})
+    model = FedCoEModel(cfg, 10, [0, 1, 2], with_private=False)
+    x = (torch.rand(12, 3, 16, 16) * 255).to(torch.uint8)
+    y = torch.zeros(12, dtype=torch.long)  # a one-class client
+    with torch.no_grad():  # every expert predicts uniformly, but expert 1 favours this client's class
+        for k in range(3):
+            model.expert[str(k)].classifier.weight.zero_()
+            model.expert[str(k)].classifier.bias.zero_()
+        model.expert["1"].classifier.bias[0] = 5.0
+    data = ClientData(x, y, x[:0], y[:0])
+    assert assigned_expert(model, data, cfg, torch.device("cpu")) == 1
+    loop, _ = one_round(tmp_path, algorithm="fedcoe", assignment_weight=1.0)
+    assert loop.history[-1]["global_accuracy"] is not None
