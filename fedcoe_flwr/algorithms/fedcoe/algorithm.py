@@ -217,7 +217,9 @@ class FedCoE(Algorithm):
         shared = model.shared_modules()
         anchors = [{k: v.detach().clone() for k, v in m.named_parameters()} for m in shared]
         has_local = model.local is not None
-        assigned = assigned_expert(model, data, cfg, device) if cfg.assignment_weight > 0 else None
+        assigned = assigned_expert(model, data, cfg, device) \
+            if cfg.assignment_weight > 0 and cfg.assignment_level == "client" else None
+        per_sample = cfg.assignment_weight > 0 and cfg.assignment_level == "sample"
 
         def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             p, mix, local = model.parts(x)
@@ -232,6 +234,8 @@ class FedCoE(Algorithm):
                 loss = loss + cfg.prox_mu / 2 * proximal_term(shared, anchors)
             if assigned is not None:  # route this client's images to its assigned expert
                 loss = loss + cfg.assignment_weight * nll_of_probs(model.gate_probs(x), torch.full_like(y, assigned))
+            elif per_sample:  # route each image to the expert that predicts it best
+                loss = loss + cfg.assignment_weight * nll_of_probs(model.gate_probs(x), lowest_loss_experts(model, x, y))
             return loss
 
         loss = run_local_epochs(list(model.parameters()), [model], data, cfg, device, seed, loss_fn)
@@ -272,3 +276,12 @@ def assigned_expert(model: FedCoEModel, data: Any, cfg: ExperimentConfig, device
     losses = {k: float(nll_of_probs(predict_probs(model.expert_alone(k), data.train_x, cfg, device), data.train_y))
               for k in model.expert_ids}
     return min(losses, key=losses.__getitem__)
+
+
+@torch.no_grad()
+def lowest_loss_experts(model: FedCoEModel, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Each image's routing target (hard EM): the expert of the set whose own prediction gives its
+    label the highest probability."""
+    label_probs = torch.stack([model.expert_alone(k)(x).gather(1, y[:, None]).squeeze(1)
+                               for k in model.expert_ids], 1)
+    return torch.as_tensor(model.expert_ids, device=x.device)[label_probs.argmax(1)]

@@ -81,3 +81,21 @@ def test_ifca_assignment_picks_the_expert_with_the_lowest_loss_and_trains_the_ga
     assert assigned_expert(model, data, cfg, torch.device("cpu")) == 1
     loop, _ = one_round(tmp_path, algorithm="fedcoe", assignment_weight=1.0)
     assert loop.history[-1]["global_accuracy"] is not None
+
+
+def test_hard_em_routes_each_image_to_the_expert_that_predicts_it_best(tmp_path):
+    from fedcoe_flwr.algorithms.fedcoe.algorithm import lowest_loss_experts
+    from fedcoe_flwr.algorithms.fedcoe.model import FedCoEModel
+    from fedcoe_flwr.config import from_dict
+
+    cfg = from_dict({"image_size": 16, "width_multiplier": 0.25, "num_experts": 3, "gate_width": 4})
+    model = FedCoEModel(cfg, 10, [0, 2], with_private=False)  # a client holding experts 0 and 2
+    with torch.no_grad():  # expert 0 favours class 3, expert 2 class 7
+        for k, favoured in ((0, 3), (2, 7)):
+            model.expert[str(k)].classifier.weight.zero_()
+            model.expert[str(k)].classifier.bias.zero_()
+            model.expert[str(k)].classifier.bias[favoured] = 5.0
+    x = torch.randn(4, 3, 16, 16)
+    assert lowest_loss_experts(model.eval(), x, torch.tensor([3, 7, 7, 3])).tolist() == [0, 2, 2, 0]
+    loop, _ = one_round(tmp_path, algorithm="fedcoe", assignment_weight=1.0, assignment_level="sample")
+    assert loop.history[-1]["global_accuracy"] is not None
