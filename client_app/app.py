@@ -31,6 +31,11 @@ def coldstart(msg: Message, context: Context) -> Message:
     return handlers.handle_coldstart(msg, context)
 
 
+@app.evaluate("prior")
+def prior(msg: Message, context: Context) -> Message:
+    return handlers.handle_prior(msg, context)
+
+
 @app.query("onboard")
 def onboard(msg: Message, context: Context) -> Message:
     return handle_onboard(msg, context)

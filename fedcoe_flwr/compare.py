@@ -21,6 +21,8 @@ ran (skipped runs count as done, not in the estimate). The report:
 - ``docs/results/<name>.json``, the same figures for machines: each method's global,
   personalised and cold-start accuracy at the label-free variant the run reported and
   unadapted (``raw``), with the config, its hash, rounds and seeds;
+- with ``--kind calibration`` each method's entry also at the file's top level
+  (``{"fedavg": {"global": {"mean": ...}}, ...}``, as the calibration check reads it);
 - ``docs/RESULTS.md``, regenerated from every ``docs/results/*.json`` (plus the
   hand-written ``docs/results/<name>.md`` fragments): never edit it by hand.
   ``--regenerate-docs`` rebuilds it alone (after editing a fragment); ``--no-docs`` writes
@@ -261,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
     parser.add_argument("--results-dir", default="results")
     parser.add_argument("--out", default=None, help="where the table and plot go (default <results-dir>/compare-<name>)")
+    parser.add_argument("--num-cpus", type=int, default=None,
+                        help="cores each run's simulation may use (default: every core); e.g. 1 on a shared machine")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: the table and plot from the runs already finished")
     parser.add_argument("--name", default=None,
@@ -304,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
             for seed in args.seeds:
                 out_run, started = run_dir(results_dir, stem, label, seed), monotonic()
                 earlier = finished(out_run) is not None
-                summaries.append(run_one(args.config, label, {**common, **overrides}, seed, results_dir, []))
+                summaries.append(run_one(args.config, label, {**common, **overrides}, seed, results_dir,
+                                         ["--num-cpus", str(args.num_cpus)] if args.num_cpus else []))
                 print(progress.finished(out_run.name, None if earlier else monotonic() - started), flush=True)
         records[label] = {"spec": spec, **method_record(summaries, cfg.num_clients)}
         curves[label] = [read_jsonl(Path(s["run_dir"]) / "metrics.jsonl") for s in summaries]
@@ -315,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
            "seeds": args.seeds, "command": command_line(args),
            "source": f"measured: the finished runs under {args.results_dir}/{stem}-<method>-s<seed>",
            "methods": records}
+    if args.kind == "calibration":  # also at the top level: {"fedavg": {"global": {"mean": ...}}, ...}
+        doc.update({label: record for label, record in records.items() if label not in doc})
     text = (f"Config `{args.config}`{' with ' + ' '.join(args.set) if args.set else ''}, seeds "
             f"{' '.join(map(str, args.seeds))}; final evaluation, mean ± std over seeds.\n"
             f"Command: `{doc['command']}`\n\n" + comparison_markdown(doc))

@@ -1,4 +1,4 @@
-"""Models: the small CNN of the FedMoE-DA paper, ResNet-MoE (CIFAR ResNet whose block
+"""Models: the small CNN of the FedMoE-DA paper, NIID-Bench's LeNet-style CNN, ResNet-MoE (CIFAR ResNet whose block
 convolutions are MoE convolutions with a per-layer router), FedCoE's shared gate and
 its light private parts. Every expert network exposes ``features(x)`` -> [B, d],
 ``classifier`` (a Linear on those features) and ``load_balance_loss()``."""
@@ -67,6 +67,28 @@ class SmallCNN(nn.Module):
 
     def load_balance_loss(self) -> torch.Tensor:
         return torch.zeros(())
+
+
+class LeNetCNN(SmallCNN):
+    """NIID-Bench's simple CNN (Li et al. 2022; Flower's ``baselines/niid_bench``): conv 6 and
+    16 channels of 5x5, each with ReLU and 2x2 max-pool, FC 120 and 84, then the classes.
+    The same parameter groups as SmallCNN, plus ``fc2`` in the head."""
+
+    def __init__(self, num_classes: int, image_size: int = 32, width: float = 1.0):
+        nn.Module.__init__(self)
+        c1, c2 = int(6 * width), int(16 * width)
+        hidden1, hidden2 = int(120 * width), int(84 * width)
+        self.conv1 = nn.Conv2d(3, c1, 5)
+        self.conv2 = nn.Conv2d(c1, c2, 5)
+        side = ((image_size - 4) // 2 - 4) // 2
+        self.fc1 = nn.Linear(c2 * side * side, hidden1)
+        self.fc2 = nn.Linear(hidden1, hidden2)
+        self.classifier = nn.Linear(hidden2, num_classes)
+        self.feature_dim = hidden2
+        self.trunk_channels = c2
+
+    def head_features(self, h: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.fc2(F.relu(self.fc1(h.flatten(1)))))
 
 
 class MoEConv2d(nn.Module):
@@ -189,6 +211,8 @@ class GateNet(nn.Module):
 def build_expert(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
     if cfg.model == "resnet_moe":
         return ResNetMoE(num_classes, cfg)
+    if cfg.model == "lenet":
+        return LeNetCNN(num_classes, cfg.image_size, cfg.width_multiplier)
     return small_cnn(cfg, num_classes)
 
 

@@ -57,11 +57,11 @@ def default_num_gpus(device: str, num_cpus_per_client: float, cores: int | None 
     return 1.0 / actors
 
 
-def simulate(run_config: dict[str, Any], num_cpus_per_client: float = 1.0, num_gpus_per_client: float | None = None
-             ) -> dict[str, Any]:
+def simulate(run_config: dict[str, Any], num_cpus_per_client: float = 1.0, num_gpus_per_client: float | None = None,
+             num_cpus: int | None = None) -> dict[str, Any]:
     """Actors = cores / ``num_cpus_per_client`` (each ClientApp actor sets torch to that
     many threads, so actors never oversubscribe the cores); ``num_gpus_per_client`` None
-    = ``default_num_gpus``."""
+    = ``default_num_gpus``; ``num_cpus``: the cores Ray may use (None: all of them)."""
     cfg = server_config(run_config, "simulation")  # validated and the data checked before Ray starts
     result: dict[str, Any] = {}
     server = ServerApp()
@@ -72,8 +72,11 @@ def simulate(run_config: dict[str, Any], num_cpus_per_client: float = 1.0, num_g
 
     if num_gpus_per_client is None:
         num_gpus_per_client = default_num_gpus(cfg.device, num_cpus_per_client)
-    backend = {"client_resources": {"num_cpus": num_cpus_per_client, "num_gpus": num_gpus_per_client},
-               "cohort": {"cohort_size": max(cohort_size(cfg), 1), "chunk_size": cfg.cohort_chunk_size}}
+    backend: dict[str, Any] = {
+        "client_resources": {"num_cpus": num_cpus_per_client, "num_gpus": num_gpus_per_client},
+        "cohort": {"cohort_size": max(cohort_size(cfg), 1), "chunk_size": cfg.cohort_chunk_size}}
+    if num_cpus is not None:
+        backend["init_args"] = {"num_cpus": num_cpus}
     install_fast_dispatch()
     with simulation_backend(CohortBackend if uses_cohorts(cfg) else None):
         run_simulation(server, client_app, num_supernodes=cfg.num_partitions, backend_config=backend)
@@ -101,13 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="YAML in configs/")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     parser.add_argument("--num-cpus-per-client", type=float, default=1.0)
+    parser.add_argument("--num-cpus", type=int, default=None,
+                        help="cores Ray may use in all (default: every core); on a shared machine, e.g. 1")
     parser.add_argument("--num-gpus-per-client", type=float, default=None,
                         help="GPU share per actor (default: 0 without a GPU, else 1/min(8, cores/cpus-per-client))")
     args = parser.parse_args(argv)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     run_config = {"config": args.config, **parse_overrides(args.set)}
     with user_errors():
-        result = simulate(run_config, args.num_cpus_per_client, args.num_gpus_per_client)
+        result = simulate(run_config, args.num_cpus_per_client, args.num_gpus_per_client, args.num_cpus)
     return 0 if result else 1
 
 

@@ -64,7 +64,7 @@ class InProcessGrid:
     def send_and_receive(self, msgs, timeout=None):
         route = {"query.profile": handlers.handle_profile, "query.onboard": handle_onboard,
                  "train": handlers.handle_train, "evaluate": handlers.handle_evaluate,
-                 "evaluate.coldstart": handlers.handle_coldstart}
+                 "evaluate.coldstart": handlers.handle_coldstart, "evaluate.prior": handlers.handle_prior}
         out = []
         for msg in msgs:
             self.sent.append(msg)

@@ -8,7 +8,7 @@ experts): the communication report counts their bytes separately."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -18,6 +18,7 @@ import torch
 from ..config import ExperimentConfig, Section
 from ..data import ClientData
 from .training import LocalTask, accuracy, run_task
+from .adaptation import coldstart_record, label_free_scores, prior_of
 
 Arrays = dict[str, torch.Tensor]
 Predictor = Callable[[torch.Tensor], torch.Tensor]
@@ -170,13 +171,30 @@ class Algorithm:
         """The client's personalised model as x -> class probabilities."""
         raise NotImplementedError
 
+    def client_gate(self, step: ClientStep) -> Predictor | None:
+        """A method whose clients each route with a gate of their own (a per-client mixture): this
+        client's gate as x -> probabilities over its experts, so that evaluation measures how it
+        routes the global test set (``algorithms.specialisation``); None for any other method."""
+        return None
+
     def client_eval_upload(self, step: ClientStep) -> Arrays | None:
         """What a training client sends back at evaluation time for the cold-start model
         (only when ``coldstart_needs_client_parts``); never training data."""
         return None
 
+    def new_client_model(self, step: ClientStep) -> tuple[Predictor, list[torch.nn.Module]]:
+        """The model a new client builds from the cold-start package (``step.arrays``, no private
+        part) as x -> class probabilities, and the modules whose BatchNorm statistics AdaBN may
+        re-estimate (the predictor reads them). Training clients also run it on their own images
+        to predict the federation's training prior (``adaptation``)."""
+        return self.client_predict(replace(step, private=None, data=None)), []
+
     def client_coldstart(self, step: ClientStep) -> dict[str, Any]:
-        """Evaluate the new-client model on the local test split with no gradient step."""
-        predict = self.client_predict(ClientStep(step.arrays, step.config, None, None, step.cfg,
-                                                 step.num_classes, step.device))
-        return {"coldstart_accuracy": accuracy(predict, step.data.test_x, step.data.test_y, step.cfg, step.device)}
+        """The new-client model on the local test split with no gradient step: unadapted and with
+        every label-free adaptation (``adaptation.label_free_scores``), from the predicted
+        training prior the message carries."""
+        predict, modules = self.new_client_model(step)
+        data = step.data
+        unlabeled = data.train_x if len(data.train_x) else data.test_x
+        return coldstart_record(label_free_scores(predict, modules, unlabeled, data.test_x, data.test_y,
+                                                  prior_of(step.config), step.cfg, step.device))

@@ -67,6 +67,9 @@ class FedAvg(Algorithm):
                          finish, data, step.seed, uses_start=prox_mu > 0)
 
     def client_predict(self, step: ClientStep) -> Predictor:
-        arrays, cfg, num_classes, device = step.arrays, step.cfg, step.num_classes, step.device
-        return softmax_predictor(build_model(cfg, num_classes, unprefixed(PREFIX, arrays), device))
+        return self.new_client_model(step)[0]
+
+    def new_client_model(self, step: ClientStep) -> tuple[Predictor, list[torch.nn.Module]]:
+        model = build_model(step.cfg, step.num_classes, unprefixed(PREFIX, step.arrays), step.device)
+        return softmax_predictor(model), [model]
 

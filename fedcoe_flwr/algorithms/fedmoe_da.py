@@ -327,6 +327,7 @@ class FedMoEDA(Algorithm):
     cohort_fallback = ("top-1 routing runs each expert only on the samples routed to it, a data-dependent split "
                        "of the batch that vmap cannot batch over clients; a dense form would run every expert on "
                        "every sample (K times the compute)")
+    diagnostic_keys = ("expert_class_mi_bits",)  # its clients' own gates on the global test set
 
     # ---- server side
     def init_state(self, cfg: ExperimentConfig, num_classes: int) -> ServerState:
@@ -485,11 +486,17 @@ class FedMoEDA(Algorithm):
         return upload, model.private_state(), metrics
 
     def client_predict(self, step: ClientStep) -> Predictor:
-        arrays, config, private, cfg, num_classes, device = (
-            step.arrays, step.config, step.private, step.cfg, step.num_classes, step.device)
-        model = client_model(cfg, num_classes, arrays, config, private, device)
-        model.eval()
+        model = self.evaluated_model(step)
         return lambda x: F.softmax(model(x), dim=1)
+
+    def client_gate(self, step: ClientStep) -> Predictor | None:
+        model = self.evaluated_model(step)
+        return lambda x: model.route(model.embedding(x))
+
+    @staticmethod
+    def evaluated_model(step: ClientStep) -> FedMoEDAModel:
+        """The model this client evaluates (pending Eq. 11 applied), in eval mode."""
+        return client_model(step.cfg, step.num_classes, step.arrays, step.config, step.private, step.device).eval()
 
     def client_eval_upload(self, step: ClientStep) -> Arrays | None:
         arrays, config, private, cfg = step.arrays, step.config, step.private, step.cfg

@@ -285,6 +285,7 @@ class PFedMoE(Algorithm):
     Params = PFedMoEParams
     has_global_model = False
     coldstart_needs_client_parts = True
+    diagnostic_keys = ("expert_class_mi_bits",)  # its clients' own gates on the global test set
 
     # ---- server side
     def init_state(self, cfg: ExperimentConfig, num_classes: int) -> ServerState:
@@ -328,7 +329,8 @@ class PFedMoE(Algorithm):
         # clients of different local widths have different shapes: they never stack together
         return LocalTask(model, local_loss, finish, data, step.seed, signature=local_channels_of(private))
 
-    def client_predict(self, step: ClientStep) -> Predictor:
+    def client_model(self, step: ClientStep) -> PFedMoEModel:
+        """The model this client evaluates, in eval mode."""
         arrays, config, private, cfg, num_classes, device = (
             step.arrays, step.config, step.private, step.cfg, step.num_classes, step.device)
         if private:
@@ -337,9 +339,14 @@ class PFedMoE(Algorithm):
             parts = private_parts(arrays)
         else:  # a training client that has not trained yet: the initial local parts
             parts = initial_private(cfg, num_classes, float(config.get("local_width", width_of_client(cfg, -1))))
-        model = build_client_model(cfg, num_classes, arrays, parts, device)
-        model.eval()
+        return build_client_model(cfg, num_classes, arrays, parts, device).eval()
+
+    def client_predict(self, step: ClientStep) -> Predictor:
+        model = self.client_model(step)
         return lambda x: F.softmax(model(x), dim=1)
+
+    def client_gate(self, step: ClientStep) -> Predictor | None:
+        return self.client_model(step).gate  # weights of (global, local) extractor
 
     def client_eval_upload(self, step: ClientStep) -> Arrays | None:
         private = step.private

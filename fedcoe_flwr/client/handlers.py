@@ -13,7 +13,9 @@ import torch
 from flwr.app import Context, Message, RecordDict
 
 from ..algorithms import get_algorithm
+from ..algorithms.adaptation import MEAN_PROBS_KEY, mean_prediction
 from ..algorithms.base import Algorithm, ClientStep
+from ..algorithms.specialisation import client_gate_counts
 from ..algorithms.training import accuracy
 from ..cohort import DEFAULT_CHUNK_SIZE, train_clients
 from ..config import ExperimentConfig
@@ -181,6 +183,9 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
             raise DataError(f"{cfg.algorithm} has no single global model, so its global accuracy is the mean of "
                             f"the client models on the global test set, which this node cannot load: {err}") from err
         metrics["global_accuracy"] = accuracy(predict, gx, gy, cfg, device)
+        gate = call.algorithm.client_gate(call.step(private, None))
+        if gate is not None:  # a per-client mixture: how its gate routes the global test set
+            metrics.update(client_gate_counts(gate, gx, gy, call.num_classes, cfg, device))
     journal(role, cfg, {"round": call.server_round, "phase": "evaluate", "source": source,
                         "crc_in": state_checksum(private), "run_id": int(context.run_id)})
     upload = call.algorithm.client_eval_upload(call.step(private, None)) \
@@ -195,3 +200,14 @@ def handle_coldstart(msg: Message, context: Context) -> Message:
     metrics = call.algorithm.client_coldstart(call.step(None, data))
     metrics.setdefault("num_test", int(len(data.test_y)))
     return call.reply(None, metrics)
+
+
+def handle_prior(msg: Message, context: Context) -> Message:
+    """A training client's share of the federation's predicted training prior: the mean class
+    probabilities of the new-client model (the cold-start package) on its training images.
+    No labels leave the node, only num_classes floats."""
+    call = Call.of(msg, context)
+    data = call.data()
+    predict, _ = call.algorithm.new_client_model(call.step(None, None))
+    return call.reply(None, {MEAN_PROBS_KEY: mean_prediction(predict, data.train_x, call.cfg, call.device),
+                             "num_samples": data.num_train})

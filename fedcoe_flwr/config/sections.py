@@ -14,7 +14,7 @@ if TYPE_CHECKING:  # annotations only: the sections are defined before the confi
 
 DATASETS = ("cifar10", "cifar100", "imagefolder", "synthetic")
 PARTITIONS = ("dirichlet", "pathological", "iid")
-MODELS = ("cnn", "resnet_moe")
+MODELS = ("cnn", "lenet", "resnet_moe")  # lenet: NIID-Bench's simple CNN (6/16 conv, 120/84 FC)
 NORMS = ("batch", "group", "none")
 DEVICES = ("auto", "cpu", "cuda")
 ROBUST_RULES = ("mean", "median", "trimmed_mean")
@@ -124,9 +124,11 @@ class DataSection(Section):
     num_coldstart_clients: int = 5  # M cold-start clients (never train)
     partition: str = "dirichlet"
     dirichlet_alpha: float = 0.1
+    # NIID-Bench's draw: a client holding more than its equal share gets no more of later classes
+    dirichlet_self_balancing: bool = False
     classes_per_client: int = 2  # pathological partition
     min_partition_size: int = 10
-    test_fraction: float = 0.2  # local train/test split of each client
+    test_fraction: float = 0.2  # local train/test split of each client; 0: train on the whole partition
     train_subset: int = 0  # >0: partition only this many training images
     global_test_subset: int = 0  # >0: global test set limited to this many
     synthetic_train_size: int = 2000
@@ -142,8 +144,11 @@ class DataSection(Section):
         if self.num_coldstart_clients > self.num_clients:
             raise bad_value("num_coldstart_clients", self.num_coldstart_clients,
                             f"must not exceed num_clients ({self.num_clients})")
-        if not 0 < self.test_fraction < 1:
-            raise bad_value("test_fraction", self.test_fraction, "must be in (0, 1)")
+        if not 0 <= self.test_fraction < 1:
+            raise bad_value("test_fraction", self.test_fraction, "must be in [0, 1)")
+        if self.test_fraction == 0 and self.num_coldstart_clients:
+            raise bad_value("test_fraction", self.test_fraction, "0 leaves the cold-start clients nothing to be "
+                            f"scored on (num_coldstart_clients={self.num_coldstart_clients})")
         if self.image_size < 8:
             raise bad_value("image_size", self.image_size, "must be >= 8")
         names = [n.strip() for n in self.class_names.split(",")] if self.class_names.strip() else []

@@ -20,7 +20,8 @@ def _partitioner(cfg: ExperimentConfig):
     n = cfg.num_partitions
     if cfg.partition == "dirichlet":
         return DirichletPartitioner(num_partitions=n, partition_by="label", alpha=cfg.dirichlet_alpha,
-                                    min_partition_size=cfg.min_partition_size, self_balancing=False,
+                                    min_partition_size=cfg.min_partition_size,
+                                    self_balancing=cfg.dirichlet_self_balancing,
                                     shuffle=True, seed=cfg.seed)
     if cfg.partition == "pathological":
         return PathologicalPartitioner(num_partitions=n, partition_by="label",

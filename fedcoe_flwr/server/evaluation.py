@@ -1,7 +1,12 @@
 """The three metrics of every evaluation round: global accuracy (the method's global model
 on the global test set, or the mean of the clients' models on it), personalised accuracy
 (each training client's model on its own test split: weighted mean, mean, 10th
-percentile) and cold-start accuracy (clients that never trained, no gradient step)."""
+percentile) and cold-start accuracy (clients that never trained, no gradient step).
+
+Every method with a global or new-client model is also scored with the label-free adaptations
+of ``algorithms.adaptation``: the training clients predict the federation's training prior with
+the new-client model (one more exchange), the cold-start clients get it for EM, and a global
+model that reports no prior-free variant of its own gets ``global_accuracy_balanced``."""
 
 from __future__ import annotations
 
@@ -14,7 +19,9 @@ from flwr.app import Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from ..algorithms.adaptation import MEAN_PROBS_KEY, TRAIN_PRIOR_KEY, balanced, federation_prior
 from ..algorithms.base import Algorithm, ServerState
+from ..algorithms.specialisation import COUNTS_KEY, mean_client_mi_bits
 from ..algorithms.training import accuracy
 from ..config import ExperimentConfig
 from ..data import load_global_test
@@ -23,6 +30,8 @@ from .messages import Messenger
 from .nodes import NodeDirectory
 
 COLDSTART = "evaluate.coldstart"
+PRIOR = "evaluate.prior"
+GLOBAL_VARIANTS = ("global_accuracy_raw", "global_accuracy_balanced")  # a method's own prior-free variant
 
 
 def summarise_personalised(accs: list[float], weights: list[int]) -> dict[str, float]:
@@ -51,21 +60,39 @@ class Evaluator:
             msgs.append(self.messenger.message(self.nodes.node_of[client], "evaluate", payload,
                                                {**pconfig, "server_round": server_round,
                                                 "global_test": clients_global}))
-        if not self.algorithm.coldstart_needs_client_parts:
-            msgs += self.coldstart_messages(state, server_round, None)
         return msgs
 
-    def coldstart_messages(self, state: ServerState, server_round: int,
-                           client_parts: list[tuple[dict[str, torch.Tensor], int]] | None) -> list[Message]:
-        if not self.cfg.num_coldstart_clients:
-            return []
-        payload, pconfig = self.algorithm.coldstart_payload(state, self.cfg, client_parts)
+    def coldstart_messages(self, package: tuple[dict[str, torch.Tensor], dict[str, Any]], server_round: int,
+                           prior: torch.Tensor | None) -> list[Message]:
+        payload, pconfig = package
+        extra = {TRAIN_PRIOR_KEY: [float(v) for v in prior]} if prior is not None else {}
         return [self.messenger.message(self.nodes.node_of[client], COLDSTART, payload,
-                                       {**pconfig, "server_round": server_round})
+                                       {**pconfig, **extra, "server_round": server_round})
                 for client in range(self.cfg.num_clients, self.cfg.num_partitions)]
+
+    def predicted_prior(self, grid: Grid, package: tuple[dict[str, torch.Tensor], dict[str, Any]],
+                        server_round: int) -> torch.Tensor | None:
+        """The federation's training prior as the new-client model predicts it: every training
+        client's mean class probabilities on its own images, sample-weighted (None when no
+        client answered)."""
+        payload, pconfig = package
+        msgs = [self.messenger.message(self.nodes.node_of[client], PRIOR, payload,
+                                       {**pconfig, "server_round": server_round})
+                for client in range(self.cfg.num_clients)]
+        rows, weights = [], []
+        for reply in grid.send_and_receive(msgs, timeout=self.cfg.round_timeout):
+            if reply.has_error():
+                log(WARNING, "[round %d] training-prior prediction failed on a node: %s", server_round, reply.error)
+                continue
+            metrics = reply.content.metric_records[METRICS]
+            if int(metrics["num_samples"]) > 0:
+                rows.append(list(metrics[MEAN_PROBS_KEY]))
+                weights.append(int(metrics["num_samples"]))
+        return federation_prior(rows, weights) if rows else None
 
     def client_metrics(self, server_round: int, replies: Iterable[Message]) -> dict[str, Any]:
         personal: list[tuple[float, int, float | None]] = []
+        gates: list[dict[str, Any]] = []  # per-client mixtures: each gate's top-expert counts
         cold: list[dict[str, Any]] = []
         for reply in replies:
             if reply.has_error():
@@ -76,12 +103,16 @@ class Evaluator:
                 cold.append(metrics)
             else:
                 personal.append((metrics["accuracy"], int(metrics["num_test"]), metrics.get("global_accuracy")))
+                if COUNTS_KEY in metrics:
+                    gates.append(metrics)
         out: dict[str, Any] = {}
-        if personal:
-            out.update(summarise_personalised([p[0] for p in personal], [p[1] for p in personal]))
+        scored = [p for p in personal if p[1] > 0]  # test_fraction 0: clients train on all, nothing to score
+        if scored:
+            out.update(summarise_personalised([p[0] for p in scored], [p[1] for p in scored]))
             if not self.algorithm.has_global_model:
                 out["global_accuracy"] = float(np.mean([p[2] for p in personal]))
                 out["global_accuracy_source"] = "mean of client models"
+        out.update(mean_client_mi_bits(gates, self.num_classes))
         if cold:
             w = np.array([c["num_test"] for c in cold], dtype=float)
             for key in sorted({k for c in cold for k in c if k.startswith("coldstart_accuracy")}):
@@ -92,21 +123,27 @@ class Evaluator:
                 out["coldstart_routing_rows"] = rows
         return out
 
-    def global_metrics(self, state: ServerState) -> dict[str, Any]:
-        """The global model's accuracy on the global test set, plus the method's diagnostics."""
+    def global_metrics(self, state: ServerState, prior: torch.Tensor | None = None) -> dict[str, Any]:
+        """The global model's accuracy on the global test set, plus the method's diagnostics;
+        with ``prior`` (the predicted training prior) also the balanced global model, unless the
+        method reports its own prior-free variant."""
         predict = self.algorithm.global_predict(state, self.cfg, self.num_classes, self.device)
         if predict is None:
             return {}
         if self._global_test is None:
             self._global_test = load_global_test(self.cfg)
         x, y = self._global_test
-        return {"global_accuracy": accuracy(predict, x, y, self.cfg, self.device),
-                "global_accuracy_source": "global model",
-                **self.algorithm.global_diagnostics(state, self.cfg, self.num_classes, self.device, x, y)}
+        out = {"global_accuracy": accuracy(predict, x, y, self.cfg, self.device),
+               "global_accuracy_source": "global model",
+               **self.algorithm.global_diagnostics(state, self.cfg, self.num_classes, self.device, x, y)}
+        if prior is not None and not any(k in out for k in GLOBAL_VARIANTS):
+            out["global_accuracy_balanced"] = accuracy(balanced(predict, prior), x, y, self.cfg, self.device)
+        return out
 
     def evaluate(self, grid: Grid, state: ServerState, server_round: int, has_trained: set[int]) -> dict[str, Any]:
         replies = list(grid.send_and_receive(self.personalised_messages(state, server_round, has_trained),
                                              timeout=self.cfg.round_timeout))
+        parts = None
         if self.algorithm.coldstart_needs_client_parts:
             parts = []
             for reply in replies:
@@ -114,10 +151,17 @@ class Evaluator:
                     arrays = from_array_record(reply.content.array_records[ARRAYS])
                     self.messenger.count_eval_upload(arrays)
                     parts.append((arrays, int(reply.content.metric_records[METRICS]["num_samples"])))
-            replies += list(grid.send_and_receive(self.coldstart_messages(state, server_round, parts),
-                                                  timeout=self.cfg.round_timeout))
+        prior = None
+        if self.cfg.num_coldstart_clients or self.algorithm.has_global_model:
+            package = self.algorithm.coldstart_payload(state, self.cfg, parts)
+            prior = self.predicted_prior(grid, package, server_round)
+            if self.cfg.num_coldstart_clients:
+                replies += list(grid.send_and_receive(self.coldstart_messages(package, server_round, prior),
+                                                      timeout=self.cfg.round_timeout))
         record: dict[str, Any] = {"round": server_round}
-        record.update(self.global_metrics(state))
+        record.update(self.global_metrics(state, prior))
+        if prior is not None:
+            record["predicted_train_prior"] = [round(float(v), 5) for v in prior]
         record.update(self.client_metrics(server_round, replies))
         for key in ("global_accuracy", "personalized_accuracy", "coldstart_accuracy"):
             record.setdefault(key, None)

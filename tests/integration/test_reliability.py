@@ -83,6 +83,10 @@ def failing_client_app(kind: str) -> ClientApp:
     def coldstart(msg, context):
         return client.handle_coldstart(msg, context)
 
+    @app.evaluate("prior")
+    def prior(msg, context):
+        return client.handle_prior(msg, context)
+
     return app
 
 

@@ -8,7 +8,7 @@ from fedcoe_flwr import compare
 from fedcoe_flwr.compare import (Progress, config_hash, finished, main, methods_from_file, parse_method,
                                  refuse_if_stale, run_dir, stale_keys)
 from fedcoe_flwr.config import load_config
-from fedcoe_flwr.report import (label_free_variant, method_record, seconds_per_round, table, variants_table,
+from fedcoe_flwr.report import (best_variant, label_free_variants, method_record, seconds_per_round, table, variants_table,
                                 write_results_doc)
 COMPARE_CONFIG = "configs/compare_cifar10_dir0.1.yaml"
 WIDE = "fedcoe_wide:algorithm=fedcoe,width_multiplier=1.0,cnn_hidden=128"
@@ -57,22 +57,34 @@ def test_variants_table_lists_every_variant(tmp_path):
     assert variants_table({"fedavg": records["fedavg"]}) == ""
 
 
-def test_label_free_variant_read_from_the_metrics_keys():
-    # the balanced global model, with the raw one beside it
-    assert label_free_variant({"global_accuracy": 0.5, "global_accuracy_raw": 0.4}, "global_accuracy") == \
-        ("balanced", 0.4)
-    # the raw global model configured, the balanced one measured beside it
-    assert label_free_variant({"global_accuracy": 0.4, "global_accuracy_balanced": 0.5}, "global_accuracy") == \
-        ("none", 0.4)
-    # the configured cold-start adaptation is the variant equal to it; a tie goes to EM with the predicted prior
-    cold = {"coldstart_accuracy": 0.6, "coldstart_accuracy_em": 0.6, "coldstart_accuracy_em_uniform": 0.6,
+def test_label_free_variants_read_from_the_metrics_keys():
+    # the balanced global model, with the raw one beside it, and the other way round
+    assert label_free_variants({"global_accuracy": 0.5, "global_accuracy_raw": 0.4}, "global_accuracy") == \
+        {"none": 0.4, "balanced": 0.5}
+    assert label_free_variants({"global_accuracy": 0.4, "global_accuracy_balanced": 0.5}, "global_accuracy") == \
+        {"none": 0.4, "balanced": 0.5}
+    # every cold-start adaptation; a configured one equal to none of them is its own variant
+    cold = {"coldstart_accuracy": 0.6, "coldstart_accuracy_em": 0.6, "coldstart_accuracy_em_uniform": 0.5,
             "coldstart_accuracy_plain": 0.3}
-    assert label_free_variant(cold, "coldstart_accuracy") == ("em", 0.3)
-    assert label_free_variant({**cold, "coldstart_accuracy": 0.3}, "coldstart_accuracy") == ("none", 0.3)
+    assert label_free_variants(cold, "coldstart_accuracy") == {"none": 0.3, "em": 0.6, "em_uniform": 0.5}
+    assert label_free_variants({**cold, "coldstart_accuracy": 0.65}, "coldstart_accuracy")["configured"] == 0.65
     # personalised summary statistics are not variants; a method with none is unadapted
-    assert label_free_variant({"personalized_accuracy": 0.7, "personalized_accuracy_p10": 0.5},
-                              "personalized_accuracy") == ("none", 0.7)
-    assert label_free_variant({"coldstart_accuracy": 0.2}, "coldstart_accuracy") == ("none", 0.2)
+    assert label_free_variants({"personalized_accuracy": 0.7, "personalized_accuracy_p10": 0.5},
+                               "personalized_accuracy") == {"none": 0.7}
+    assert label_free_variants({"coldstart_accuracy": 0.2}, "coldstart_accuracy") == {"none": 0.2}
+
+
+def test_the_headline_is_the_best_label_free_variant_over_the_seeds():
+    seeds = [{"coldstart_accuracy": 0.3, "coldstart_accuracy_plain": 0.3, "coldstart_accuracy_em": 0.5,
+              "coldstart_accuracy_adabn_em": 0.4},
+             {"coldstart_accuracy": 0.3, "coldstart_accuracy_plain": 0.3, "coldstart_accuracy_em": 0.3,
+              "coldstart_accuracy_adabn_em": 0.6}]
+    # em: mean 0.40, adabn_em: mean 0.50; the unadapted figures beside it
+    assert best_variant(seeds, "coldstart_accuracy") == ("adabn_em", [0.4, 0.6], [0.3, 0.3])
+    # a tie goes to the simpler variant; nothing measured is unadapted and empty
+    tie = [{"coldstart_accuracy": 0.3, "coldstart_accuracy_plain": 0.3, "coldstart_accuracy_em": 0.3}]
+    assert best_variant(tie, "coldstart_accuracy")[0] == "none"
+    assert best_variant([{}], "coldstart_accuracy") == ("none", [None], [None])
 
 
 def test_a_run_finished_under_other_defaults_is_not_reused(tmp_path):
@@ -93,6 +105,19 @@ def test_a_run_finished_under_other_defaults_is_not_reused(tmp_path):
     assert stale_keys(fedavg, config, {"algorithm": "fedavg"}, 1) == []
     fedavg["config"]["lr"] = 0.1
     assert stale_keys(fedavg, config, {"algorithm": "fedavg"}, 1) == [("lr", 0.1, 0.01)]
+
+
+def test_a_calibration_also_writes_its_methods_at_the_top_level(tmp_path):
+    results, docs = tmp_path / "results", tmp_path / "docs"
+    finished_run(results, "fedavg", 42, {"global_accuracy": 0.62, "global_accuracy_balanced": 0.63,
+                                         "source": "global model"})
+    assert main(["--config", COMPARE_CONFIG, "--seeds", "42", "--methods", "fedavg", "--results-dir", str(results),
+                 "--report-only", "--kind", "calibration", "--name", "calibration_x", "--docs-dir", str(docs),
+                 "--results-doc", str(tmp_path / "RESULTS.md")]) == 0
+    doc = json.loads((docs / "calibration_x.json").read_text())
+    assert doc["fedavg"]["global"] == {"mean": pytest.approx(63.0), "std": 0.0, "variant": "balanced"}
+    assert doc["fedavg"]["raw"]["global"]["mean"] == pytest.approx(62.0) and doc["seeds"] == [42]
+    assert doc["methods"]["fedavg"] == doc["fedavg"] and doc["rounds"] == 20
 
 
 def test_methods_file(tmp_path):
@@ -190,7 +215,8 @@ def test_report_writes_the_json_and_regenerates_results_md(tmp_path):
     assert lines[0] == "# Results" and "do not edit this file" in lines[2]
     order = [text.index(s) for s in ("What these tables are.", "## Comparisons", "### compare_cifar10_dir0.1",
                                      "python -m fedcoe_flwr.compare --config " + COMPARE_CONFIG,
-                                     "| fedcoe_wide | 45.00 ± 1.00 | 80.00 ± 0.00 | 60.00 ± 0.00 | 4.000 |",
+                                     "| fedcoe_wide | 45.00 ± 1.00 (balanced; raw 42.50 ± 0.50) | 80.00 ± 0.00 | "
+                                     "60.00 ± 0.00 (em; raw 30.00 ± 0.00) | 4.000 |",
                                      "| fedcoe_wide | 60.00 ± 0.00 | 35.00 ± 0.00 | 30.00 ± 0.00 | 42.50 ± 0.50 |",
                                      "Reading the comparison.", "## Other measurements", "### Notes without a JSON")]
     assert order == sorted(order)

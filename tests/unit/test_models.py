@@ -30,6 +30,15 @@ def test_small_cnn_shapes(size):
     assert model.load_balance_loss().item() == 0.0
 
 
+def test_lenet_is_niid_benchs_simple_cnn():
+    # conv 3->6 and 6->16 of 5x5, FC 400->120->84->10: 62,006 parameters, as NIID-Bench's CNN
+    model = build_expert(from_dict({"model": "lenet"}), 10)
+    assert num_parameters(model) == 456 + 2416 + 48120 + 10164 + 850
+    x = torch.randn(2, 3, 32, 32)
+    assert model(x).shape == (2, 10) and model.features(x).shape == (2, model.feature_dim) == (2, 84)
+    assert [n for n, _ in model.named_children()] == ["conv1", "conv2", "fc1", "fc2", "classifier"]
+
+
 def test_width_multiplier_grows_the_cnn():
     small = build_expert(from_dict({"model": "cnn", "image_size": 16}), 10)
     wide = build_expert(from_dict({"model": "cnn", "image_size": 16, "width_multiplier": 2.0}), 10)

@@ -3,8 +3,9 @@ correlation learned at aggregation, a private local level per client, and a cold
 model built from the pool with no gradient step.
 
 - ``params``: its config keys; ``model``: the network and payload keys;
-  ``aggregation``: the server math; ``coldstart``: adapting the pool to a new client;
-  ``priors``: label-shift arithmetic; ``plots``; ``algorithm``: the hooks."""
+  ``aggregation``: the server math; ``coldstart``: adapting the pool to a new client (with the
+  label-shift arithmetic and AdaBN every method shares, ``algorithms.adaptation``); ``plots``;
+  ``algorithm``: the hooks."""
 
 from .algorithm import FedCoE
 from .aggregation import expert_weights, routing_diagnostics

@@ -27,19 +27,24 @@ from ..base import Algorithm, ClientStep, Predictor, Reply, ServerState
 from ..training import (Arrays, LocalTask, Trained, accuracy, module_anchors, nll_of_probs, predict_probs, prefixed,
                         proximal_term, seeded_init, state_of, unprefixed, weighted_average)
 from .aggregation import aggregate_pool, expert_set, routing_diagnostics
-from .coldstart import NewClientModel, adapt_new_client, coldstart_evaluate
+from ...data import DataError, load_global_test
+from ..adaptation import prior_of
+from ..specialisation import KEYS as SPECIALISATION_KEYS
+from ..specialisation import plot_specialisation, specialisation
+from .coldstart import NewClientModel, adapt_new_client, coldstart_evaluate, pool_model
 from .model import (CLASS_MARGINAL, CORRELATION, GATE, TRAIN_PRIOR, TRUNK, FedCoEModel, build_client_model,
                     build_gate, expert_prefix, network_part)
 from .params import FedCoEParams, experts_per_client
 from .plots import plot_correlation
-from .priors import as_prior, prior_correct
+from ..adaptation import as_prior, prior_correct
 
 
 def local_loss(model: FedCoEModel, x: torch.Tensor, y: torch.Tensor, start: Mapping[str, torch.Tensor], *,
-               cfg: ExperimentConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+               cfg: ExperimentConfig, assigned: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """NLL of the personalised prediction, plus (docs/algorithms/fedcoe.md) the global
-    mixture's own NLL, the local part's own NLL, the routers' load balance and the proximal
-    term of the shared parts to where they started."""
+    mixture's own NLL, the local part's own NLL, the routers' load balance, the proximal
+    term of the shared parts to where they started and, with ``assignment_weight``, the gate's
+    routing target: the client's ``assigned`` expert, or each image's lowest-loss expert."""
     p, mix, local = model.parts(x)
     loss = nll_of_probs(p, y)
     if model.local is not None and cfg.aux_weight > 0:
@@ -51,6 +56,10 @@ def local_loss(model: FedCoEModel, x: torch.Tensor, y: torch.Tensor, start: Mapp
     if cfg.prox_mu > 0:
         shared = model.shared_modules()
         loss = loss + cfg.prox_mu / 2 * proximal_term(shared, module_anchors(model, shared, start))
+    if assigned is not None:  # route this client's images to its assigned expert
+        loss = loss + cfg.assignment_weight * nll_of_probs(model.gate_probs(x), torch.full_like(y, assigned))
+    elif cfg.assignment_weight > 0 and cfg.assignment_level == "sample":  # each image to its best expert
+        loss = loss + cfg.assignment_weight * nll_of_probs(model.gate_probs(x), lowest_loss_experts(model, x, y))
     return loss, {}
 
 
@@ -60,7 +69,7 @@ class FedCoE(Algorithm):
     has_global_model = True
     can_join_training = True  # add_client gives the new client its own correlation row
     diagnostic_keys = ("expert_usage_entropy", "correlation_row_entropy", "correlation_spread",
-                       "expert_max_client_share", "expert_global_accuracy")
+                       "expert_max_client_share", "expert_global_accuracy") + SPECIALISATION_KEYS
 
     def init_state(self, cfg: ExperimentConfig, num_classes: int) -> ServerState:
         arrays = prefixed(GATE, state_of(seeded_init(lambda: build_gate(cfg, num_classes), cfg.seed)))
@@ -157,8 +166,29 @@ class FedCoE(Algorithm):
         return ServerState(state.arrays, extra)
 
     def write_plots(self, state: ServerState, cfg: ExperimentConfig, run_dir: Path) -> list[Path]:
-        return [plot_correlation(state.extra["correlation"], state.extra["correlation_known"],
-                                 run_dir / "correlation.png")]
+        paths = [plot_correlation(state.extra["correlation"], state.extra["correlation_known"],
+                                  run_dir / "correlation.png")]
+        try:
+            x, y = load_global_test(cfg)
+        except DataError:  # a server without the global test set: no specialisation picture
+            return paths
+        num_classes = int(state.extra["train_prior"].shape[0])
+        found = self.specialisation_of(state, cfg, num_classes, torch.device("cpu"), x, y)
+        return paths + [plot_specialisation(found, run_dir / "specialisation.png")]
+
+    def specialisation_of(self, state: ServerState, cfg: ExperimentConfig, num_classes: int, device: torch.device,
+                          x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+        """The pool's specialisation on (x, y) (``algorithms.specialisation``): the gate's top
+        expert against the class, each expert alone per class, expert against client (the rows
+        of C of the clients that trained), and each expert's accuracy alone."""
+        model = FedCoEModel(cfg, num_classes, list(range(cfg.num_experts)), with_private=False)
+        model.load_shared(state.arrays)
+        model.to(device).eval()
+        gate = predict_probs(model.gate_probs, x, cfg, device)
+        experts = [predict_probs(model.expert_alone(k), x, cfg, device) for k in range(cfg.num_experts)]
+        rows = state.extra["correlation"][state.extra["correlation_known"]]
+        return {"expert_global_accuracy": [float((p.argmax(1) == y).float().mean()) for p in experts],
+                **specialisation(gate, experts, y, num_classes, rows)}
 
     def describe(self, cfg: ExperimentConfig) -> str:
         return f"model={cfg.model} experts={cfg.num_experts} per client={experts_per_client(cfg)}"
@@ -183,14 +213,11 @@ class FedCoE(Algorithm):
                               bundle["train_prior"]).predict
 
     def global_diagnostics(self, state, cfg, num_classes, device, x, y):
-        """Each expert alone (with the trunk when shared) on the global test set."""
-        model = FedCoEModel(cfg, num_classes, list(range(cfg.num_experts)), with_private=False)
-        model.load_shared(state.arrays)
-        model.to(device).eval()
-        other = cfg.replace(global_balanced=not cfg.global_balanced)  # the global model's other variant
+        """Each expert alone (with the trunk when shared) on the global test set, the pool's
+        specialisation, and the global model's other variant (raw or balanced)."""
+        other = cfg.replace(global_balanced=not cfg.global_balanced)
         key = "global_accuracy_" + ("raw" if cfg.global_balanced else "balanced")
-        return {"expert_global_accuracy": [accuracy(model.expert_alone(k), x, y, cfg, device)
-                                           for k in range(cfg.num_experts)],
+        return {**self.specialisation_of(state, cfg, num_classes, device, x, y),
                 key: accuracy(self.global_predict(state, other, num_classes, device), x, y, cfg, device)}
 
     def global_predict(self, state, cfg, num_classes, device):
@@ -225,9 +252,11 @@ class FedCoE(Algorithm):
             return upload, (model.private_state() or None), {"num_samples": data.num_train,
                                                              "train_loss": trained.mean_loss}
 
+        assigned = assigned_expert(model, data, cfg, device) \
+            if cfg.assignment_weight > 0 and cfg.assignment_level == "client" else None
         # the expert set names the parameters (expert.<k>.*) and picks the gate's columns
-        return LocalTask(model, partial(local_loss, cfg=cfg), finish, data, step.seed, signature=tuple(ids),
-                         uses_start=cfg.prox_mu > 0)
+        return LocalTask(model, partial(local_loss, cfg=cfg, assigned=assigned), finish, data, step.seed,
+                         signature=tuple(ids), uses_start=cfg.prox_mu > 0)
 
     def client_predict(self, step: ClientStep) -> Predictor:
         arrays, config, private, cfg, num_classes, device = (
@@ -239,7 +268,29 @@ class FedCoE(Algorithm):
             return lambda x: model.mixture(x)[0]
         return lambda x: model(x)[0]
 
+    def new_client_model(self, step: ClientStep) -> tuple[Predictor, list[torch.nn.Module]]:
+        model = pool_model(step.arrays, step.cfg, step.num_classes, step.device)
+        return (lambda x: model.mixture(x)[0]), [model]
+
     def client_coldstart(self, step: ClientStep) -> dict[str, Any]:
         arrays, data, cfg, num_classes, device = step.arrays, step.data, step.cfg, step.num_classes, step.device
-        return coldstart_evaluate(arrays, data, cfg, num_classes, device)
+        return coldstart_evaluate(arrays, data, cfg, num_classes, device, prior_of(step.config))
 
+
+@torch.no_grad()
+def assigned_expert(model: FedCoEModel, data: Any, cfg: ExperimentConfig, device: torch.device) -> int:
+    """IFCA's cluster identity (Ghosh et al. 2020): the expert of the client's set whose own
+    prediction has the lowest cross-entropy on the client's training data."""
+    model.eval()
+    losses = {k: float(nll_of_probs(predict_probs(model.expert_alone(k), data.train_x, cfg, device), data.train_y))
+              for k in model.expert_ids}
+    return min(losses, key=losses.__getitem__)
+
+
+@torch.no_grad()
+def lowest_loss_experts(model: FedCoEModel, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Each image's routing target (hard EM): the expert of the set whose own prediction gives its
+    label the highest probability."""
+    label_probs = torch.stack([model.expert_alone(k)(x).gather(1, y[:, None]).squeeze(1)
+                               for k in model.expert_ids], 1)
+    return torch.as_tensor(model.expert_ids, device=x.device)[label_probs.argmax(1)]

@@ -9,34 +9,15 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
-from torch import nn
 
 from ...config import ExperimentConfig
-from ...data import ClientData, batches
+from ...data import ClientData
+from ..adaptation import (as_prior, coldstart_record, em_label_prior, label_free_scores, prior_correct,
+                          reestimate_batchnorm)
 from ..training import accuracy, predict_probs
 from .aggregation import expert_set
 from .model import TRAIN_PRIOR, FedCoEModel
 from .params import experts_per_client
-from .priors import as_prior, em_label_prior, prior_correct
-
-
-@torch.no_grad()
-def reestimate_batchnorm(model: nn.Module, x: torch.Tensor, cfg: ExperimentConfig, device: torch.device) -> bool:
-    """AdaBN (Li et al. 2016): BatchNorm statistics recomputed on unlabeled local data."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not norms or len(x) == 0:
-        return False
-    saved = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over all batches
-    model.train()
-    for xb, _ in batches(x, torch.zeros(len(x)), cfg.eval_batch_size, device):
-        model(xb)
-    for m, momentum in zip(norms, saved):
-        m.momentum = momentum
-    model.eval()
-    return True
 
 
 def training_prior(arrays: Mapping[str, torch.Tensor], cfg: ExperimentConfig, num_classes: int) -> torch.Tensor:
@@ -99,37 +80,23 @@ def adapt_new_client(arrays: Mapping[str, torch.Tensor], unlabeled: torch.Tensor
 
 
 def coldstart_evaluate(arrays: Mapping[str, torch.Tensor], data: ClientData, cfg: ExperimentConfig,
-                       num_classes: int, device: torch.device) -> dict[str, Any]:
+                       num_classes: int, device: torch.device, train_prior: torch.Tensor | None = None
+                       ) -> dict[str, Any]:
     """A new client's model from the pool, adapted with unlabeled data only (its local
     train split with labels unused), scored on its local test split: the configured
-    adaptation (``adapt_new_client``) and each adaptation on and off."""
+    adaptation (``adapt_new_client``, with the prior the package carries) and every method's
+    label-free variants (``adaptation.label_free_scores``) with ``train_prior``, the prior the
+    evaluation predicted (the package's when None)."""
     unlabeled = data.train_x if len(data.train_x) else data.test_x
     model = pool_model(arrays, cfg, num_classes, device)
     row = route(model, unlabeled, cfg, device)
-    uniform = torch.full((num_classes,), 1.0 / num_classes)
-    train_prior = training_prior(arrays, cfg, num_classes)
-
-    def scores(em_priors: dict[str, torch.Tensor | None]) -> dict[str, float]:
-        """Accuracy of the model as it is now, with no EM and with EM from each training prior:
-        the model's predictions are computed once, whatever the number of variants."""
-        test_probs = predict_probs(lambda x: model.mixture(x)[0], data.test_x, cfg, device)
-        pool_probs = predict_probs(lambda x: model.mixture(x)[0], unlabeled, cfg, device)
-        out = {}
-        for name, em_prior in em_priors.items():
-            probs = test_probs if em_prior is None else prior_correct(
-                test_probs, em_label_prior(pool_probs, em_prior), em_prior)
-            out[name] = float((probs.argmax(1) == data.test_y).float().mean())
-        return out
-
-    variants: dict[str, torch.Tensor | None] = {"plain": None, "em": train_prior}
-    if not torch.equal(train_prior, uniform):
-        variants["em_uniform"] = uniform
-    adapted = scores(variants)
-    if reestimate_batchnorm(model, unlabeled, cfg, device):
-        adapted.update(scores({"adabn": None, "adabn_em": train_prior}))
-    out: dict[str, Any] = {"coldstart_accuracy_" + name: acc for name, acc in adapted.items()}
+    if train_prior is None:
+        train_prior = training_prior(arrays, cfg, num_classes)
+    scores = label_free_scores(lambda x: model.mixture(x)[0], [model], unlabeled, data.test_x, data.test_y,
+                               train_prior, cfg, device)
     configured = adapt_new_client(arrays, unlabeled, cfg, num_classes, device)
-    out["coldstart_accuracy"] = accuracy(configured.predict, data.test_x, data.test_y, cfg, device)
+    out: dict[str, Any] = coldstart_record(
+        scores, accuracy(configured.predict, data.test_x, data.test_y, cfg, device))
     out["routing_row"] = [float(v) for v in row]
     out["num_test"] = int(len(data.test_y))
     return out

@@ -13,7 +13,7 @@ from torch import nn
 from ...config import ExperimentConfig
 from ...models import GateNet, build_expert
 from ..training import Arrays, expert_prefix, prefixed, seeded_init, state_of, unprefixed
-from .priors import as_prior, prior_correct
+from ..adaptation import as_prior, prior_correct
 
 GATE = "gate."
 TRUNK = "trunk."

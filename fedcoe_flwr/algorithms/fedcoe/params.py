@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from ...config import ExperimentConfig, Section, bad_value, require
 
 LOCAL_PARTS = ("head", "expert_head", "expert", "none")
+ASSIGNMENT_LEVELS = ("client", "sample")
 GATE_INPUTS = ("image", "trunk")
 COLDSTART_PRIORS = ("predicted", "uniform")
 
@@ -21,6 +22,11 @@ class FedCoEParams(Section):
     gate_input: str = "trunk"  # the shared gate over the shared trunk's features or the raw image ("image")
     gate_width: int = 16
     gate_temperature: float = 1.0  # softmax temperature of the shared gate (< 1: sharper routing)
+    # IFCA-style client-level assignment (Ghosh et al. 2020): the gate is also trained to send the
+    # client's images to the expert of its set with the lowest loss on them, with this weight (0: off)
+    assignment_weight: float = 0.0
+    # "client": one expert per client (IFCA); "sample": each image's own lowest-loss expert (hard EM)
+    assignment_level: str = "client"
     local_loss_weight: float = 1.0  # cross-entropy of the local part alone, added to the client's loss
     local_prior_correction: bool = True  # the client's model re-weights the pool by its own label prior
     global_balanced: bool = True  # the global model divides out the federation's predicted training prior
@@ -36,9 +42,11 @@ class FedCoEParams(Section):
     adaptation_keys = ("coldstart_adabn", "coldstart_em", "coldstart_top_m", "coldstart_prior")
 
     def check(self, cfg: ExperimentConfig) -> None:
-        require(self, ge0=("top_m", "aux_weight", "prox_mu", "local_loss_weight"), ge1=("gate_width",),
+        require(self, ge0=("top_m", "aux_weight", "prox_mu", "local_loss_weight", "assignment_weight"),
+                ge1=("gate_width",),
                 gt0=("gate_temperature",),
-                choices={"local_part": LOCAL_PARTS, "gate_input": GATE_INPUTS, "coldstart_prior": COLDSTART_PRIORS})
+                choices={"local_part": LOCAL_PARTS, "gate_input": GATE_INPUTS, "coldstart_prior": COLDSTART_PRIORS,
+                         "assignment_level": ASSIGNMENT_LEVELS})
         if self.local_part == "expert_head" and not self.shared_trunk:
             raise bad_value("local_part", self.local_part,
                             "'expert_head' sits on the shared trunk: set shared_trunk=true (or use 'head')")

@@ -38,6 +38,8 @@ CASES = {
     "fedmoe_da-fallback": ("fedmoe_da", {}),
     "fedcoe": ("fedcoe", {}),
     "fedcoe-resnet-batchnorm": ("fedcoe", RESNET),
+    "fedcoe-client-assignment": ("fedcoe", {"assignment_weight": 0.5, "assignment_level": "client"}),
+    "fedcoe-image-assignment": ("fedcoe", {"assignment_weight": 0.5, "assignment_level": "sample"}),
     "fedavg-resnet-batchnorm-augment": ("fedavg", {**RESNET, "augment": True}),
 }
 

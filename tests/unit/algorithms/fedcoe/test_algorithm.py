@@ -15,7 +15,7 @@ from fedcoe_flwr.algorithms.training import unprefixed
 from fedcoe_flwr.algorithms.fedcoe import FedCoE
 from fedcoe_flwr.algorithms.fedcoe.model import (CLASS_MARGINAL, CORRELATION, GATE, LOCAL_PRIOR, TRAIN_PRIOR,
                                                  FedCoEModel, expert_prefix)
-from fedcoe_flwr.algorithms.fedcoe.priors import prior_correct
+from fedcoe_flwr.algorithms.adaptation import prior_correct
 from fedcoe_flwr.data import load_client_data, normalize
 from fedcoe_flwr.server.validation import validate_reply
 

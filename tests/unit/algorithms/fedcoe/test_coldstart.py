@@ -10,9 +10,10 @@ from harness import assert_same, clone
 
 from fedcoe_flwr.algorithms.base import ClientStep
 from fedcoe_flwr.algorithms.fedcoe import FedCoE
-from fedcoe_flwr.algorithms.fedcoe.coldstart import coldstart_evaluate, reestimate_batchnorm, training_prior
+from fedcoe_flwr.algorithms.adaptation import reestimate_batchnorm
+from fedcoe_flwr.algorithms.fedcoe.coldstart import coldstart_evaluate, training_prior
 from fedcoe_flwr.algorithms.fedcoe.model import TRAIN_PRIOR, FedCoEModel
-from fedcoe_flwr.algorithms.fedcoe.priors import em_label_prior, prior_correct
+from fedcoe_flwr.algorithms.adaptation import em_label_prior, prior_correct
 from fedcoe_flwr.data import load_client_data, load_dataset, normalize
 
 

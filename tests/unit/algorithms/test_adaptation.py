@@ -1,0 +1,92 @@
+"""The label-free adaptations every method gets (algorithms/adaptation.py): the predicted
+training prior from the training clients, EM and AdaBN for every new-client model, the balanced
+global model for every global model; each reported beside the unadapted figure."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fedcoe_flwr.algorithms.adaptation import (balanced, federation_prior, label_free_scores, prior_correct,
+                                               reestimate_batchnorm)
+from fedcoe_flwr.config import from_dict
+from fedcoe_flwr.server.loop import RoundLoop
+from harness import InProcessGrid
+
+CPU = torch.device("cpu")
+
+
+def one_round(tmp_path, **kw) -> tuple[RoundLoop, InProcessGrid]:
+    cfg = from_dict({**dict(dataset="synthetic", synthetic_train_size=240, synthetic_test_size=60, image_size=16,
+                            num_clients=3, num_coldstart_clients=1, partition="dirichlet", dirichlet_alpha=0.3,
+                            min_partition_size=5, model="cnn", width_multiplier=0.25, num_experts=2, gate_width=4,
+                            local_epochs=1, batch_size=16, num_rounds=1, eval_every=1, results_dir=str(tmp_path),
+                            cache_dir=str(tmp_path / "cache"), run_name="adapt"), **kw})
+    grid = InProcessGrid({100 + i: {"partition-id": i, "num-partitions": cfg.num_partitions}
+                          for i in range(cfg.num_partitions)})
+    loop = RoundLoop(cfg)
+    loop.start(grid)
+    return loop, grid
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "fedper", "pfedmoe", "fedmoe_da", "fedcoe"])
+def test_every_new_client_model_is_scored_raw_and_with_em_from_the_predicted_prior(tmp_path, algorithm):
+    loop, grid = one_round(tmp_path, algorithm=algorithm)
+    record = loop.history[-1]
+    for variant in ("plain", "em", "em_uniform"):
+        assert 0.0 <= record[f"coldstart_accuracy_{variant}"] <= 1.0
+    prior = record["predicted_train_prior"]
+    assert len(prior) == 10 and sum(prior) == pytest.approx(1.0, abs=1e-3)
+    # the prior came from every training client (no labels: num_classes floats each), before cold start
+    kinds = [m.metadata.message_type for m in grid.sent]
+    assert kinds.count("evaluate.prior") == 3 and kinds.index("evaluate.prior") < kinds.index("evaluate.coldstart")
+    sent = next(m for m in grid.sent if m.metadata.message_type == "evaluate.coldstart")
+    assert list(sent.content.config_records["config"]["train_prior"]) == pytest.approx(prior, abs=1e-4)
+    if algorithm == "fedavg":  # the global model raw and balanced; FedCoE reports its own pair
+        assert 0.0 <= record["global_accuracy_balanced"] <= 1.0
+        assert record["coldstart_accuracy"] == record["coldstart_accuracy_plain"]  # the configured one: none
+
+
+def test_no_adaptation_exchange_without_a_model_to_adapt(tmp_path):
+    loop, grid = one_round(tmp_path, algorithm="fedper", num_coldstart_clients=0)
+    assert "evaluate.prior" not in [m.metadata.message_type for m in grid.sent]
+    assert "predicted_train_prior" not in loop.history[-1]
+
+
+def test_clients_that_train_on_their_whole_partition_leave_personalised_unmeasured(tmp_path):
+    # NIID-Bench's set-up: test_fraction 0, no cold-start clients; the global model is still balanced
+    loop, _ = one_round(tmp_path, algorithm="fedavg", num_coldstart_clients=0, test_fraction=0.0, model="lenet")
+    record = loop.history[-1]
+    assert record["personalized_accuracy"] is None and record["coldstart_accuracy"] is None
+    assert 0.0 <= record["global_accuracy"] <= 1.0 and 0.0 <= record["global_accuracy_balanced"] <= 1.0
+
+
+def test_federation_prior_is_the_sample_weighted_mean():
+    prior = federation_prior([[0.5, 0.5], [1.0, 0.0]], [1, 3])
+    assert prior.tolist() == pytest.approx([0.875, 0.125], abs=1e-5)
+    with pytest.raises(ValueError, match="at least one client"):
+        federation_prior([], [])
+
+
+def test_balanced_divides_the_training_prior_out():
+    probs = torch.tensor([[0.6, 0.4]])
+    train_prior = torch.tensor([0.75, 0.25])
+    out = balanced(lambda x: probs, train_prior)(torch.zeros(1))
+    assert out.tolist()[0] == pytest.approx(prior_correct(probs, torch.tensor([0.5, 0.5]), train_prior).tolist()[0])
+    assert out.argmax().item() == 1  # 0.6/0.75 < 0.4/0.25
+
+
+def test_label_free_scores_run_adabn_only_where_there_is_batchnorm():
+    cfg = from_dict({"eval_batch_size": 8})
+    torch.manual_seed(0)
+    x = (torch.rand(20, 3, 4, 4) * 255).to(torch.uint8)
+    y = torch.randint(0, 2, (20,))
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(48, 2), nn.Softmax(dim=1)).eval()
+    scores = label_free_scores(plain, [plain], x, x, y, torch.tensor([0.7, 0.3]), cfg, CPU)
+    assert set(scores) == {"plain", "em", "em_uniform"}
+    bn = nn.Sequential(nn.Conv2d(3, 2, 1), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(32, 2),
+                       nn.Softmax(dim=1)).eval()
+    scores = label_free_scores(bn, [bn], x, x, y, None, cfg, CPU)
+    assert set(scores) == {"plain", "em", "adabn", "adabn_em"}  # no prior: EM from a uniform one
+    assert not reestimate_batchnorm(plain, x, cfg, CPU)
