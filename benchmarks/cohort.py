@@ -89,9 +89,8 @@ def client_data(seed: int, client: int, n: int):  # noqa: ANN201
 def child(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
+    from _plain_loop import plain_round
     from fedcoe_flwr.algorithms import get_algorithm
-    from fedcoe_flwr.algorithms.base import ClientStep, Reply
-    from fedcoe_flwr.client.node import client_seed
     from fedcoe_flwr.cohort import train_clients
     from _common import sample_schedule
 
@@ -108,26 +107,13 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     setup_s = clock()
     privates: dict[int, Any] = {}
     round_s = []
-    cpu = torch.device("cpu")
     clock = Stopwatch()
+    train = (lambda steps: train_clients(algo, steps, args.chunk_size)) if args.path == "cohort" \
+        else (lambda steps: [algo.client_train(step) for step in steps])
     for server_round, clients in enumerate(schedule, start=1):
         t0 = clock()
-        steps = []
-        for client in clients:
-            payload, pconfig = algo.train_payload(state, cfg, client, server_round)
-            steps.append(ClientStep(payload, {**pconfig, "server_round": server_round}, privates.get(client),
-                                    client_data(args.seed, client, sizes[client]), cfg, NUM_CLASSES, cpu,
-                                    client_seed(cfg, client, server_round)))
-        if args.path == "cohort":
-            results = train_clients(algo, steps, args.chunk_size)
-        else:
-            results = [algo.client_train(step) for step in steps]
-        replies = []
-        for client, (upload, private, metrics) in zip(clients, results):
-            if private:
-                privates[client] = private
-            replies.append(Reply(client, int(metrics["num_samples"]), upload, metrics))
-        state, _ = algo.aggregate(state, replies, cfg, server_round)
+        state = plain_round(algo, state, cfg, clients, server_round, privates,
+                            lambda c: client_data(args.seed, c, sizes[c]), NUM_CLASSES, train)
         round_s.append(clock() - t0)
     torch.save(state.arrays, args.out)
     return {"setup_s": setup_s, "rounds_s": sum(round_s), "round_s": round_s, "updates": sum(map(len, schedule)),

@@ -76,9 +76,8 @@ def child_sim(args: argparse.Namespace) -> dict[str, Any]:
 def child_plain(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
+    from _plain_loop import plain_round
     from fedcoe_flwr.algorithms import get_algorithm
-    from fedcoe_flwr.algorithms.base import ClientStep, Reply
-    from fedcoe_flwr.client.node import client_seed
     from fedcoe_flwr.config import config_from_run_config
     from fedcoe_flwr.data import federation_classes, load_client_data
     from fedcoe_flwr import data as data_mod
@@ -99,20 +98,13 @@ def child_plain(args: argparse.Namespace) -> dict[str, Any]:
     else:  # cold like a Ray actor: the data set is loaded and partitioned inside round 1
         data_mod.clear_caches()
     setup = clock()
-    device = torch.device("cpu")
     privates: dict[int, Any] = {}
     round_s = []
     clock = Stopwatch()
     for server_round, clients in enumerate(schedule, start=1):
         t0 = clock()
-        replies = []
-        for client in clients:
-            payload, pconfig = algo.train_payload(state, cfg, client, server_round)
-            upload, private, metrics = algo.client_train(ClientStep(arrays=payload, config={**pconfig, "server_round": server_round}, private=privates.get(client), data=load_client_data(cfg, client), cfg=cfg, num_classes=num_classes, device=device, seed=client_seed(cfg, client, server_round)))
-            if private:
-                privates[client] = private
-            replies.append(Reply(client, int(metrics["num_samples"]), upload, metrics))
-        state, _ = algo.aggregate(state, replies, cfg, server_round)
+        state = plain_round(algo, state, cfg, clients, server_round, privates, lambda c: load_client_data(cfg, c),
+                            num_classes, lambda steps: [algo.client_train(step) for step in steps])
         round_s.append(clock() - t0)
     rounds_s = clock()
     torch.save(state.arrays, args.out)
