@@ -5,9 +5,12 @@
 
 Each (method, seed) runs in its own process (``python -m fedcoe_flwr.simulate``)
 under ``results/<config>-<method>-s<seed>``; runs whose summary says ``finished``
-are skipped, interrupted ones resume from their last checkpoint. After each run one line says
-how many are done and the time left, estimated from the mean time of the runs this invocation
-ran (skipped runs count as done, not in the estimate). The report:
+are skipped, interrupted ones resume from their last checkpoint. Runs go seed by seed (every
+method at the first seed, then the next), so a comparison stopped early has whole seeds.
+``--jobs N`` runs N at once (on a GPU machine: the runs are small beside the card), each
+printing to ``<results-dir>/<run>.log``. After each run one line says how many are done and
+the time left, estimated from the mean time of the runs this invocation ran (skipped runs
+count as done, not in the estimate). The report:
 
 - ``<out>/comparison.md`` (mean and std over seeds of global, personalised and
   cold-start accuracy at the final round and at each seed's best evaluated round with its
@@ -39,6 +42,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from time import monotonic
 from typing import Any
@@ -75,7 +79,8 @@ def run_dir(results_dir: Path, stem: str, label: str, seed: int) -> Path:
 
 
 def run_one(config: str, label: str, overrides: dict[str, Any], seed: int, results_dir: Path,
-            extra: list[str]) -> dict[str, Any]:
+            extra: list[str], log: Path | None = None) -> dict[str, Any]:
+    """One run in its own process; ``log``: where its output goes (None: this terminal)."""
     stem = Path(config).stem
     out = run_dir(results_dir, stem, label, seed)
     summary_path = out / "summary.json"
@@ -88,10 +93,17 @@ def run_one(config: str, label: str, overrides: dict[str, Any], seed: int, resul
     sets = {**overrides, "seed": seed, "run_name": out.name, "results_dir": str(results_dir), "resume": resume}
     cmd = [sys.executable, "-m", "fedcoe_flwr.simulate", "--config", config, "--set",
            *[f"{k}={v}" for k, v in sets.items()], *extra]
-    print(f"[compare] {out.name}: {'resuming' if resume else 'running'}", flush=True)
-    proc = subprocess.run(cmd)
+    print(f"[compare] {out.name}: {'resuming' if resume else 'running'}"
+          + (f", output in {log}" if log else ""), flush=True)
+    if log is None:
+        proc = subprocess.run(cmd)
+    else:
+        with open(log, "a") as sink:
+            proc = subprocess.run(cmd, stdout=sink, stderr=subprocess.STDOUT)
     if proc.returncode != 0 or not summary_path.is_file():
-        raise SystemExit(f"[compare] {out.name} failed (exit {proc.returncode}); rerun the same command to resume")
+        where = f"; its output: {log}" if log else ""
+        raise SystemExit(f"[compare] {out.name} failed (exit {proc.returncode}){where}; "
+                         "rerun the same command to resume")
     return {**json.loads(summary_path.read_text()), "run_dir": str(out)}
 
 
@@ -163,10 +175,11 @@ def duration(seconds: float) -> str:
 
 class Progress:
     """One line per finished run: done/total and the time left, estimated from the mean time
-    of the runs this invocation ran (a run finished earlier counts as done, not in the mean)."""
+    of the runs this invocation ran (a run finished earlier counts as done, not in the mean)
+    and the number of runs going at once."""
 
-    def __init__(self, total: int):
-        self.total, self.done, self.times = total, 0, []
+    def __init__(self, total: int, jobs: int = 1):
+        self.total, self.done, self.times, self.jobs = total, 0, [], jobs
 
     def finished(self, name: str, seconds: float | None) -> str:
         """``seconds``: how long the run took here, None when it had finished earlier."""
@@ -179,7 +192,8 @@ class Progress:
             eta = "all runs done"
         elif self.times:
             mean = float(np.mean(self.times))
-            eta = f"about {duration(mean * left)} left ({left} more at {duration(mean)} each)"
+            at_once = f", {self.jobs} at once" if self.jobs > 1 else ""
+            eta = f"about {duration(mean * -(-left // self.jobs))} left ({left} more at {duration(mean)} each{at_once})"
         else:
             eta = f"{left} more; time left unknown until one runs here"
         return f"[compare] {self.done}/{self.total} done: {name} {took}; {eta}"
@@ -252,6 +266,33 @@ def command_line(args: argparse.Namespace) -> str:
     return " ".join(parts)
 
 
+def run_all(args: argparse.Namespace, methods: list[tuple[str, str, dict[str, Any]]], common: dict[str, Any],
+            results_dir: Path, stem: str) -> None:
+    """Every (method, seed) run, seed by seed, ``args.jobs`` at once; raises (SystemExit) once
+    the runs going have ended if any failed."""
+    runs = [(label, {**common, **overrides}, seed) for seed in args.seeds for _, label, overrides in methods]
+    progress = Progress(len(runs), args.jobs)
+    extra = ["--num-cpus", str(args.num_cpus)] if args.num_cpus else []
+
+    def one(label: str, overrides: dict[str, Any], seed: int) -> None:
+        out_run, started = run_dir(results_dir, stem, label, seed), monotonic()
+        earlier = finished(out_run) is not None
+        log = results_dir / f"{out_run.name}.log" if args.jobs > 1 else None
+        run_one(args.config, label, overrides, seed, results_dir, extra, log)
+        print(progress.finished(out_run.name, None if earlier else monotonic() - started), flush=True)
+
+    if args.jobs == 1:
+        for run in runs:
+            one(*run)
+        return
+    results_dir.mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = [pool.submit(one, *run) for run in runs]
+    failures = [str(f.exception()) for f in futures if f.exception() is not None]
+    if failures:
+        raise SystemExit("\n".join(failures))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="the experiment YAML every method runs (required unless --regenerate-docs)")
@@ -265,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="where the table and plot go (default <results-dir>/compare-<name>)")
     parser.add_argument("--num-cpus", type=int, default=None,
                         help="cores each run's simulation may use (default: every core); e.g. 1 on a shared machine")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at once, each in its own process and log (default 1: one after another)")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: the table and plot from the runs already finished")
     parser.add_argument("--name", default=None,
@@ -284,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.config:
         parser.error("--config is required (or --regenerate-docs)")
+    if args.jobs < 1:
+        parser.error(f"--jobs {args.jobs}: must be at least 1")
     common = parse_overrides(args.set)
     cfg = load_config(args.config, common)  # fail fast on a bad config
     results_dir = Path(args.results_dir).resolve()
@@ -294,23 +339,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.methods_file:
         args.methods = methods_from_file(args.methods_file)
     methods = [(spec, *parse_method(spec)) for spec in args.methods]
+    if not args.report_only:
+        run_all(args, methods, common, results_dir, stem)
     records, curves = {}, {}
-    progress = Progress(len(methods) * len(args.seeds))
     for spec, label, overrides in methods:
-        if args.report_only:
-            summaries = [s for s in (finished(run_dir(results_dir, stem, label, seed)) for seed in args.seeds) if s]
-            for summary in summaries:  # a missing seed drops out, so each summary names its own
-                refuse_if_stale(summary, args.config, {**common, **overrides}, summary["seed"])
-            if not summaries:
-                continue
-        else:
-            summaries = []
-            for seed in args.seeds:
-                out_run, started = run_dir(results_dir, stem, label, seed), monotonic()
-                earlier = finished(out_run) is not None
-                summaries.append(run_one(args.config, label, {**common, **overrides}, seed, results_dir,
-                                         ["--num-cpus", str(args.num_cpus)] if args.num_cpus else []))
-                print(progress.finished(out_run.name, None if earlier else monotonic() - started), flush=True)
+        summaries = [s for s in (finished(run_dir(results_dir, stem, label, seed)) for seed in args.seeds) if s]
+        for summary in summaries:  # a missing seed drops out, so each summary names its own
+            refuse_if_stale(summary, args.config, {**common, **overrides}, summary["seed"])
+        if not summaries:
+            continue
         records[label] = {"spec": spec, **method_record(summaries, cfg.num_clients)}
         curves[label] = [read_jsonl(Path(s["run_dir"]) / "metrics.jsonl") for s in summaries]
         link_tensorboard(out, label, summaries)

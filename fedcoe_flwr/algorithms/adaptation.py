@@ -104,7 +104,7 @@ def reestimate_batchnorm(model: nn.Module, x: torch.Tensor, cfg: ExperimentConfi
         m.reset_running_stats()
         m.momentum = None  # cumulative average over all batches
     model.train()
-    for xb, _ in batches(x, torch.zeros(len(x)), cfg.eval_batch_size, device):
+    for xb, _ in batches(x, torch.zeros(len(x)), cfg.eval_batch_size, device, pixel_scale=cfg.pixel_scale):
         model(xb)
     for m, momentum in zip(norms, saved):
         m.momentum = momentum

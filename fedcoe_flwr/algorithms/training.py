@@ -115,7 +115,8 @@ def local_batches(data: ClientData, cfg: ExperimentConfig, device: torch.device,
     generator = torch.Generator().manual_seed(seed)
     first = True
     for _ in range(cfg.local_epochs):
-        for xb, yb in batches(data.train_x, data.train_y, cfg.batch_size, device, generator, cfg.augment):
+        for xb, yb in batches(data.train_x, data.train_y, cfg.batch_size, device, generator, cfg.augment,
+                              cfg.pixel_scale):
             if xb.shape[0] < 2 and not first:
                 continue
             first = False
@@ -229,7 +230,8 @@ def nll_of_probs(probs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def predict_probs(predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
                   cfg: ExperimentConfig, device: torch.device) -> torch.Tensor:
-    out = [predict(xb).float().cpu() for xb, _ in batches(x, torch.zeros(len(x)), cfg.eval_batch_size, device)]
+    out = [predict(xb).float().cpu() for xb, _ in batches(x, torch.zeros(len(x)), cfg.eval_batch_size, device,
+                                                         pixel_scale=cfg.pixel_scale)]
     return torch.cat(out) if out else torch.zeros(0)
 
 

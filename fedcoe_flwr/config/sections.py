@@ -14,6 +14,7 @@ if TYPE_CHECKING:  # annotations only: the sections are defined before the confi
 
 DATASETS = ("cifar10", "cifar100", "imagefolder", "synthetic")
 PARTITIONS = ("dirichlet", "pathological", "iid")
+PIXEL_SCALES = ("centred", "unit")
 MODELS = ("cnn", "lenet", "resnet_moe")  # lenet: NIID-Bench's simple CNN (6/16 conv, 120/84 FC)
 NORMS = ("batch", "group", "none")
 DEVICES = ("auto", "cpu", "cuda")
@@ -136,11 +137,13 @@ class DataSection(Section):
     synthetic_num_classes: int = 10
     image_size: int = 32  # images are resized to image_size x image_size
     augment: bool = False
+    pixel_scale: str = "centred"  # model inputs: "centred" (x/255 - 0.5)/0.25, or "unit" x/255
 
     def check(self, cfg: "ExperimentConfig") -> None:
         require(self, ge0=("num_coldstart_clients", "train_subset", "global_test_subset", "min_partition_size"),
                 ge1=("num_clients", "synthetic_train_size", "synthetic_test_size", "classes_per_client"),
-                gt0=("dirichlet_alpha",), choices={"dataset": DATASETS, "partition": PARTITIONS})
+                gt0=("dirichlet_alpha",), choices={"dataset": DATASETS, "partition": PARTITIONS,
+                                                  "pixel_scale": PIXEL_SCALES})
         if self.num_coldstart_clients > self.num_clients:
             raise bad_value("num_coldstart_clients", self.num_coldstart_clients,
                             f"must not exceed num_clients ({self.num_clients})")

@@ -41,9 +41,11 @@ def to_tensor_images(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(x.transpose(0, 3, 1, 2), order="C"))
 
 
-def normalize(x_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 NCHW -> float in roughly [-2, 2]; fixed constants so no client needs global stats."""
-    return (x_uint8.float() / 255.0 - 0.5) / 0.25
+def normalize(x_uint8: torch.Tensor, pixel_scale: str = "centred") -> torch.Tensor:
+    """uint8 NCHW -> float: "centred" in roughly [-2, 2] (fixed constants, so no client needs
+    global statistics); "unit" in [0, 1], as NIID-Bench feeds its models."""
+    x = x_uint8.float() / 255.0
+    return x if pixel_scale == "unit" else (x - 0.5) / 0.25
 
 
 @lru_cache(maxsize=64)
@@ -133,14 +135,14 @@ def load_site_data(data_dir: str | os.PathLike, cfg: ExperimentConfig, need_trai
 
 
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device,
-            generator: torch.Generator | None = None, augment: bool = False
+            generator: torch.Generator | None = None, augment: bool = False, pixel_scale: str = "centred"
             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Normalised float batches; shuffled when a generator is given."""
     n = int(y.shape[0])
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
     for start in range(0, n, batch_size):
         idx = order[start:start + batch_size]
-        xb = normalize(x[idx].to(device, non_blocking=True))
+        xb = normalize(x[idx].to(device, non_blocking=True), pixel_scale)
         if augment:
             xb = _augment(xb, generator)
         yield xb, y[idx].to(device, non_blocking=True)

@@ -254,7 +254,8 @@ def test_compare_prints_a_progress_line_per_run(tmp_path, monkeypatch, capsys):
                                         "coldstart_accuracy": 0.3, "source": "global model"})
     ran = []
 
-    def fake_run_one(config, label, overrides, seed, results_dir, extra):  # as run_one: a finished run is reused
+    def fake_run_one(config, label, overrides, seed, results_dir, extra, log):  # as run_one: finished runs reused
+        assert log is None  # one run at a time prints to the terminal
         done = finished(run_dir(results_dir, Path(config).stem, label, seed))
         if done:
             return done
@@ -271,10 +272,33 @@ def test_compare_prints_a_progress_line_per_run(tmp_path, monkeypatch, capsys):
     stem = "compare_cifar10_dir0.1"
     assert lines == [f"[compare] 1/4 done: {stem}-fedavg-s0 finished earlier; 3 more; time left unknown until one "
                      "runs here",
-                     f"[compare] 2/4 done: {stem}-fedavg-s1 took 30s; about 1m 00s left (2 more at 30s each)",
-                     f"[compare] 3/4 done: {stem}-fedprox-s0 took 30s; about 30s left (1 more at 30s each)",
+                     f"[compare] 2/4 done: {stem}-fedprox-s0 took 30s; about 1m 00s left (2 more at 30s each)",
+                     f"[compare] 3/4 done: {stem}-fedavg-s1 took 30s; about 30s left (1 more at 30s each)",
                      f"[compare] 4/4 done: {stem}-fedprox-s1 took 30s; all runs done"]
-    assert ran == [("fedavg", 1), ("fedprox", 0), ("fedprox", 1)]
+    assert ran == [("fedprox", 0), ("fedavg", 1), ("fedprox", 1)]  # seed by seed: whole seeds first
+
+
+def test_compare_jobs_runs_every_run_with_its_own_log_and_names_the_failed_one(tmp_path, monkeypatch, capsys):
+    results = tmp_path / "results"
+    stem = "compare_cifar10_dir0.1"
+    logs = {}
+
+    def fake_run_one(config, label, overrides, seed, results_dir, extra, log):
+        logs[(label, seed)] = log
+        if (label, seed) == ("fedprox", 1):
+            raise SystemExit(f"[compare] {stem}-fedprox-s1 failed (exit 1); its output: {log}")
+        return finished_run(results_dir, label, seed, {"global_accuracy": 0.4, "personalized_accuracy": 0.5,
+                                                       "coldstart_accuracy": 0.3, "source": "global model"})
+
+    monkeypatch.setattr(compare, "run_one", fake_run_one)
+    args = ["--config", COMPARE_CONFIG, "--seeds", "0", "1", "--methods", "fedavg", "fedprox",
+            "--results-dir", str(results), "--no-docs", "--jobs", "3"]
+    with pytest.raises(SystemExit, match=f"{stem}-fedprox-s1 failed"):
+        main(args)
+    assert logs == {(m, s): results.resolve() / f"{stem}-{m}-s{s}.log" for m in ("fedavg", "fedprox") for s in (0, 1)}
+    with pytest.raises(SystemExit):
+        main(args[:-1] + ["0"])
+    assert "--jobs 0: must be at least 1" in capsys.readouterr().err
 
 
 def test_committed_results_md_is_what_the_generator_makes(tmp_path):

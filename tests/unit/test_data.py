@@ -532,6 +532,19 @@ def test_batches_in_order_without_generator():
     assert normalize(torch.full((1,), 255, dtype=torch.uint8)).item() == 2.0
 
 
+def test_unit_pixel_scale_feeds_the_model_values_in_0_1_for_training_and_evaluation():
+    """pixel_scale=unit (NIID-Bench's inputs) reaches both the local batches and predictions."""
+    from fedcoe_flwr.algorithms.training import predict_probs
+    from fedcoe_flwr.config import from_dict
+    x = torch.randint(0, 256, (6, 3, 4, 4), dtype=torch.uint8)
+    (xb, _), = batches(x, torch.arange(6), 6, torch.device("cpu"), pixel_scale="unit")
+    torch.testing.assert_close(xb, x.float() / 255)
+    seen = []
+    cfg = from_dict({"pixel_scale": "unit", "eval_batch_size": 4})
+    predict_probs(lambda b: seen.append(b) or torch.ones(len(b), 10), x, cfg, torch.device("cpu"))
+    torch.testing.assert_close(torch.cat(seen), x.float() / 255)
+
+
 def test_batches_shuffle_is_a_seeded_permutation():
     x = torch.arange(20, dtype=torch.uint8).view(20, 1, 1, 1).expand(20, 3, 2, 2).contiguous()
     y = torch.arange(20)

@@ -58,8 +58,9 @@ def local_loss(model: FedCoEModel, x: torch.Tensor, y: torch.Tensor, start: Mapp
         loss = loss + cfg.prox_mu / 2 * proximal_term(shared, module_anchors(model, shared, start))
     if assigned is not None:  # route this client's images to its assigned expert
         loss = loss + cfg.assignment_weight * nll_of_probs(model.gate_probs(x), torch.full_like(y, assigned))
-    elif cfg.assignment_weight > 0 and cfg.assignment_level == "sample":  # each image to its best expert
-        loss = loss + cfg.assignment_weight * nll_of_probs(model.gate_probs(x), lowest_loss_experts(model, x, y))
+    elif cfg.assignment_weight > 0 and cfg.assignment_level in ("sample", "class"):  # images to their best expert
+        targets = lowest_loss_experts(model, x, y, cfg.assignment_level)
+        loss = loss + cfg.assignment_weight * nll_of_probs(model.gate_probs(x), targets)
     return loss, {}
 
 
@@ -288,9 +289,48 @@ def assigned_expert(model: FedCoEModel, data: Any, cfg: ExperimentConfig, device
 
 
 @torch.no_grad()
-def lowest_loss_experts(model: FedCoEModel, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Each image's routing target (hard EM): the expert of the set whose own prediction gives its
-    label the highest probability."""
-    label_probs = torch.stack([model.expert_alone(k)(x).gather(1, y[:, None]).squeeze(1)
-                               for k in model.expert_ids], 1)
-    return torch.as_tensor(model.expert_ids, device=x.device)[label_probs.argmax(1)]
+def lowest_loss_experts(model: FedCoEModel, x: torch.Tensor, y: torch.Tensor, level: str = "sample"
+                        ) -> torch.Tensor:
+    """Each image's routing target (hard EM) among the client's experts. ``sample``: the expert
+    whose own prediction gives the image's label the highest probability. ``class``: every image
+    of a class goes to one expert, chosen by the class's mean log-probability in the batch,
+    each expert taking at most its equal share of the batch's classes (expert capacity), so that
+    an expert better at everything cannot take every class."""
+    probs = [model.expert_alone(k)(x) for k in model.expert_ids]
+    label_logp = torch.stack([p.gather(1, y[:, None]).squeeze(1) for p in probs], 1).clamp_min(1e-12).log()
+    ids = torch.as_tensor(model.expert_ids, device=x.device)
+    if level == "sample":
+        return ids[label_logp.argmax(1)]
+    return ids[balanced_class_assignment(label_logp, y, probs[0].shape[1])[y]]
+
+
+def balanced_class_assignment(label_logp: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Greedy capacity-limited assignment of the batch's classes to experts: repeatedly the open
+    (class, expert) pair of highest mean log-probability (``label_logp``: images x experts),
+    each expert taking at most ceil(classes present / experts). Tensor operations only, no branch
+    on values, so it runs per client under ``torch.func.vmap``. Returns each class's expert
+    index; a class absent from the batch gets one too, unused."""
+    num_experts = label_logp.shape[1]
+    classes = torch.arange(num_classes, device=y.device)
+    experts = torch.arange(num_experts, device=y.device)
+    onehot = (y[:, None] == classes).to(label_logp.dtype)
+    present = onehot.sum(0) > 0
+    # (classes, experts) mean log-probability, <= 0 where present
+    score = (onehot.T @ label_logp) / onehot.sum(0).clamp_min(1)[:, None]
+    score = torch.where(present[:, None], score, torch.full_like(score, -torch.inf))  # absent classes last
+    capacity = torch.ceil(present.sum() / num_experts)
+    taken = torch.zeros(num_experts, device=y.device)
+    is_open = torch.ones(num_classes, dtype=torch.bool, device=y.device)
+    choice = torch.zeros(num_classes, dtype=torch.long, device=y.device)
+    for _ in range(num_classes):
+        room = (taken < capacity) | ~(is_open & present).any()  # once only absent classes are left: any
+        allowed = is_open[:, None] & room[None, :]
+        # -inf scores of absent classes stay above the disallowed pairs
+        masked = torch.where(allowed, score.clamp_min(torch.finfo(score.dtype).min / 2),
+                             torch.full_like(score, torch.finfo(score.dtype).min))
+        flat = masked.flatten().argmax()
+        pick = classes == flat // num_experts
+        choice = torch.where(pick, flat % num_experts, choice)
+        taken = taken + ((experts == flat % num_experts) & (pick & present).any()).to(taken.dtype)
+        is_open = is_open & ~pick
+    return choice

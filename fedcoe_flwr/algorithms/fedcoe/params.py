@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from ...config import ExperimentConfig, Section, bad_value, require
 
 LOCAL_PARTS = ("head", "expert_head", "expert", "none")
-ASSIGNMENT_LEVELS = ("client", "sample")
+ASSIGNMENT_LEVELS = ("client", "sample", "class")
 GATE_INPUTS = ("image", "trunk")
 COLDSTART_PRIORS = ("predicted", "uniform")
 
@@ -25,7 +25,8 @@ class FedCoEParams(Section):
     # IFCA-style client-level assignment (Ghosh et al. 2020): the gate is also trained to send the
     # client's images to the expert of its set with the lowest loss on them, with this weight (0: off)
     assignment_weight: float = 0.0
-    # "client": one expert per client (IFCA); "sample": each image's own lowest-loss expert (hard EM)
+    # "client": one expert per client (IFCA); "sample": each image's own lowest-loss expert (hard EM);
+    # "class": each class of a batch to one expert, capacity-limited (algorithm.lowest_loss_experts)
     assignment_level: str = "client"
     local_loss_weight: float = 1.0  # cross-entropy of the local part alone, added to the client's loss
     local_prior_correction: bool = True  # the client's model re-weights the pool by its own label prior
