@@ -99,3 +99,24 @@ def test_hard_em_routes_each_image_to_the_expert_that_predicts_it_best(tmp_path)
     assert lowest_loss_experts(model.eval(), x, torch.tensor([3, 7, 7, 3])).tolist() == [0, 2, 2, 0]
     loop, _ = one_round(tmp_path, algorithm="fedcoe", assignment_weight=1.0, assignment_level="sample")
     assert loop.history[-1]["global_accuracy"] is not None
+
+
+def test_class_level_targets_send_each_class_to_one_expert_within_capacity():
+    from fedcoe_flwr.algorithms.fedcoe.algorithm import balanced_class_assignment
+
+    y = torch.tensor([0, 0, 1, 1, 2, 3, 3, 5])
+    label_logp = torch.full((8, 4), -3.0)
+    label_logp[:, 0] = -0.1  # expert 0 predicts every class best
+    label_logp[y == 3, 2] = -0.05  # but expert 2 predicts class 3 better still
+    choice = balanced_class_assignment(label_logp, y, 10)
+    present = [0, 1, 2, 3, 5]
+    counts = torch.bincount(choice[present], minlength=4)
+    assert counts.max() <= 2  # ceil(5 classes / 4 experts): expert 0 cannot take them all
+    assert choice[3] == 2 and (choice[present] == 0).sum() == 2
+    batched = torch.func.vmap(lambda lp, yy: balanced_class_assignment(lp, yy, 10))  # per client in a cohort
+    assert torch.equal(batched(torch.stack([label_logp, label_logp]), torch.stack([y, y]))[1], choice)
+
+
+def test_class_level_routing_targets_train_through_a_round(tmp_path):
+    loop, _ = one_round(tmp_path, algorithm="fedcoe", assignment_weight=1.0, assignment_level="class")
+    assert loop.history[-1]["global_accuracy"] is not None

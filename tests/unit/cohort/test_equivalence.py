@@ -40,6 +40,7 @@ CASES = {
     "fedcoe-resnet-batchnorm": ("fedcoe", RESNET),
     "fedcoe-client-assignment": ("fedcoe", {"assignment_weight": 0.5, "assignment_level": "client"}),
     "fedcoe-image-assignment": ("fedcoe", {"assignment_weight": 0.5, "assignment_level": "sample"}),
+    "fedcoe-class-assignment": ("fedcoe", {"assignment_weight": 0.5, "assignment_level": "class"}),
     "fedavg-resnet-batchnorm-augment": ("fedavg", {**RESNET, "augment": True}),
 }
 
