@@ -38,3 +38,10 @@ def test_compare_runs_skips_and_writes_the_table(tmp_path):
     md = (tmp_path / "compare-smoke" / "comparison.md").read_text()
     assert "| fedavg |" in md and "| fedprox |" not in md
     assert not (tmp_path / "smoke-fedprox-s0").exists()
+    # --jobs 2: the finished run is skipped, the other runs in its own process with its own log
+    both = cmd[:cmd.index("fedavg")] + ["fedavg", "fedprox"] + cmd[cmd.index("fedavg") + 1:]
+    parallel = subprocess.run(both + ["--jobs", "2"], capture_output=True, text=True, timeout=600)
+    assert parallel.returncode == 0, parallel.stdout[-2000:] + parallel.stderr[-2000:]
+    assert "smoke-fedavg-s0: finished earlier, skipped" in parallel.stdout
+    assert "[fedcoe] finished" in (tmp_path / "smoke-fedprox-s0.log").read_text()
+    assert "| fedprox |" in (tmp_path / "compare-smoke" / "comparison.md").read_text()
