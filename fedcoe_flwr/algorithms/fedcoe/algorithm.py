@@ -58,8 +58,8 @@ def local_loss(model: FedCoEModel, x: torch.Tensor, y: torch.Tensor, start: Mapp
         loss = loss + cfg.prox_mu / 2 * proximal_term(shared, module_anchors(model, shared, start))
     if assigned is not None:  # route this client's images to its assigned expert
         loss = loss + cfg.assignment_weight * nll_of_probs(model.gate_probs(x), torch.full_like(y, assigned))
-    elif cfg.assignment_weight > 0 and cfg.assignment_level in ("sample", "class"):  # images to their best expert
-        targets = lowest_loss_experts(model, x, y, cfg.assignment_level)
+    elif cfg.assignment_weight > 0 and cfg.assignment_level != "client":  # images to their best expert
+        targets = routing_targets(model, x, y, cfg.assignment_level)
         loss = loss + cfg.assignment_weight * nll_of_probs(model.gate_probs(x), targets)
     return loss, {}
 
@@ -289,16 +289,19 @@ def assigned_expert(model: FedCoEModel, data: Any, cfg: ExperimentConfig, device
 
 
 @torch.no_grad()
-def lowest_loss_experts(model: FedCoEModel, x: torch.Tensor, y: torch.Tensor, level: str = "sample"
-                        ) -> torch.Tensor:
-    """Each image's routing target (hard EM) among the client's experts. ``sample``: the expert
-    whose own prediction gives the image's label the highest probability. ``class``: every image
-    of a class goes to one expert, chosen by the class's mean log-probability in the batch,
-    each expert taking at most its equal share of the batch's classes (expert capacity), so that
-    an expert better at everything cannot take every class."""
+def routing_targets(model: FedCoEModel, x: torch.Tensor, y: torch.Tensor, level: str = "sample") -> torch.Tensor:
+    """Each image's routing target for the gate, among the client's experts. ``sample`` (hard
+    EM): the expert whose own prediction gives the image's label the highest probability.
+    ``class``: every image of a class goes to one expert, chosen by the class's mean
+    log-probability in the batch, each expert taking at most its equal share of the batch's
+    classes (expert capacity), so that an expert better at everything cannot take every class.
+    ``label_split``: class c to expert c mod E, a fixed split of the label space, the same on
+    every client and round."""
+    ids = torch.as_tensor(model.expert_ids, device=x.device)
+    if level == "label_split":
+        return ids[y % len(ids)]
     probs = [model.expert_alone(k)(x) for k in model.expert_ids]
     label_logp = torch.stack([p.gather(1, y[:, None]).squeeze(1) for p in probs], 1).clamp_min(1e-12).log()
-    ids = torch.as_tensor(model.expert_ids, device=x.device)
     if level == "sample":
         return ids[label_logp.argmax(1)]
     return ids[balanced_class_assignment(label_logp, y, probs[0].shape[1])[y]]

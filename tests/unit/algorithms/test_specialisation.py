@@ -84,7 +84,7 @@ def test_ifca_assignment_picks_the_expert_with_the_lowest_loss_and_trains_the_ga
 
 
 def test_hard_em_routes_each_image_to_the_expert_that_predicts_it_best(tmp_path):
-    from fedcoe_flwr.algorithms.fedcoe.algorithm import lowest_loss_experts
+    from fedcoe_flwr.algorithms.fedcoe.algorithm import routing_targets
     from fedcoe_flwr.algorithms.fedcoe.model import FedCoEModel
     from fedcoe_flwr.config import from_dict
 
@@ -96,7 +96,9 @@ def test_hard_em_routes_each_image_to_the_expert_that_predicts_it_best(tmp_path)
             model.expert[str(k)].classifier.bias.zero_()
             model.expert[str(k)].classifier.bias[favoured] = 5.0
     x = torch.randn(4, 3, 16, 16)
-    assert lowest_loss_experts(model.eval(), x, torch.tensor([3, 7, 7, 3])).tolist() == [0, 2, 2, 0]
+    assert routing_targets(model.eval(), x, torch.tensor([3, 7, 7, 3])).tolist() == [0, 2, 2, 0]
+    # label_split: class c to the client's (c mod 2)-th expert, whatever the experts predict
+    assert routing_targets(model, x, torch.tensor([0, 1, 2, 3]), "label_split").tolist() == [0, 2, 0, 2]
     loop, _ = one_round(tmp_path, algorithm="fedcoe", assignment_weight=1.0, assignment_level="sample")
     assert loop.history[-1]["global_accuracy"] is not None
 

@@ -41,6 +41,7 @@ CASES = {
     "fedcoe-client-assignment": ("fedcoe", {"assignment_weight": 0.5, "assignment_level": "client"}),
     "fedcoe-image-assignment": ("fedcoe", {"assignment_weight": 0.5, "assignment_level": "sample"}),
     "fedcoe-class-assignment": ("fedcoe", {"assignment_weight": 0.5, "assignment_level": "class"}),
+    "fedcoe-label-split": ("fedcoe", {"assignment_weight": 0.5, "assignment_level": "label_split"}),
     "fedavg-resnet-batchnorm-augment": ("fedavg", {**RESNET, "augment": True}),
 }
 
