@@ -42,6 +42,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from time import monotonic
@@ -180,9 +181,14 @@ class Progress:
 
     def __init__(self, total: int, jobs: int = 1):
         self.total, self.done, self.times, self.jobs = total, 0, [], jobs
+        self._lock = threading.Lock()  # runs finish on several threads with --jobs
 
     def finished(self, name: str, seconds: float | None) -> str:
         """``seconds``: how long the run took here, None when it had finished earlier."""
+        with self._lock:
+            return self._line(name, seconds)
+
+    def _line(self, name: str, seconds: float | None) -> str:
         self.done += 1
         if seconds is not None:
             self.times.append(seconds)
