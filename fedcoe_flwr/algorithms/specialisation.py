@@ -19,7 +19,7 @@ from .training import predict_probs
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the headless backend is chosen)
 
-KEYS = ("expert_class_mi_bits", "expert_client_mi_bits")
+KEYS = ("expert_class_mi_bits", "expert_client_mi_bits", "prediction_class_mi_bits")
 # metrics of a client's evaluation reply: its own gate's K x C top-expert counts, flattened
 COUNTS_KEY, EXPERTS_KEY = "expert_class_counts", "num_experts"
 
@@ -77,12 +77,17 @@ def per_expert_class_accuracy(expert_probs: Sequence[torch.Tensor], labels: torc
 def specialisation(gate_probs: torch.Tensor, expert_probs: Sequence[torch.Tensor], labels: torch.Tensor,
                    num_classes: int, client_rows: Any = None) -> dict[str, Any]:
     """The diagnostics of one evaluation: ``expert_class_mi_bits`` (top expert vs class on the
-    test set), ``expert_class_counts`` (its K x C table), ``expert_class_accuracy`` (K x C) and,
+    test set), ``expert_class_counts`` (its K x C table), ``expert_class_accuracy`` (K x C),
+    ``prediction_class_mi_bits`` (the gate-weighted mixture's predicted class vs the class: how
+    much the pool's own prediction knows of the class, the scale the routing's figure sits on) and,
     from ``client_rows`` (each training client's mean gate probabilities, one row per client,
     clients weighted alike), ``expert_client_mi_bits``."""
     num_experts = gate_probs.shape[1]
     counts = expert_class_counts(gate_probs.argmax(1), labels, num_experts, num_classes)
+    mixture = sum(gate_probs[:, k:k + 1] * probs for k, probs in enumerate(expert_probs))
+    predicted = expert_class_counts(mixture.argmax(1), labels, num_classes, num_classes)
     out: dict[str, Any] = {"expert_class_mi_bits": mutual_information_bits(counts),
+                           "prediction_class_mi_bits": mutual_information_bits(predicted),
                            "expert_class_counts": counts.tolist(),
                            "expert_class_accuracy": per_expert_class_accuracy(expert_probs, labels, num_classes)}
     if client_rows is not None and len(client_rows):

@@ -33,6 +33,9 @@ def test_specialisation_tables():
     found = specialisation(gate, [right, wrong], labels, 3, client_rows=[[1.0, 0.0], [0.0, 1.0]])
     assert found["expert_class_mi_bits"] == pytest.approx(mutual_information_bits(counts))
     assert found["expert_client_mi_bits"] == pytest.approx(1.0)  # each client its own expert
+    # the mixture predicts classes 0 and 1 right and sends class 2 (gated to the wrong expert) to 0
+    predicted = expert_class_counts(torch.tensor([0, 0, 1, 1, 0, 0]), labels, 3, 3)
+    assert found["prediction_class_mi_bits"] == pytest.approx(mutual_information_bits(predicted))
 
 
 def test_fedcoe_reports_its_specialisation_every_evaluation_and_plots_it(tmp_path):
@@ -40,6 +43,7 @@ def test_fedcoe_reports_its_specialisation_every_evaluation_and_plots_it(tmp_pat
     record = loop.history[-1]
     assert 0.0 <= record["expert_class_mi_bits"] <= math.log2(2) + 1e-9
     assert 0.0 <= record["expert_client_mi_bits"] <= math.log2(2) + 1e-9
+    assert 0.0 <= record["prediction_class_mi_bits"] <= math.log2(10) + 1e-9
     assert np.asarray(record["expert_class_counts"]).sum() == 60  # every global test image routed once
     assert np.asarray(record["expert_class_accuracy"], dtype=float).shape == (2, 10)
     assert (loop.run_dir.path / "specialisation.png").stat().st_size > 0
