@@ -44,7 +44,7 @@ def local_loss(model: FedCoEModel, x: torch.Tensor, y: torch.Tensor, start: Mapp
     """NLL of the personalised prediction, plus (docs/algorithms/fedcoe.md) the global
     mixture's own NLL, the local part's own NLL, the routers' load balance, the proximal
     term of the shared parts to where they started and, with ``assignment_weight``, the gate's
-    routing target: the client's ``assigned`` expert, or each image's lowest-loss expert."""
+    routing target: the client's ``assigned`` expert, or each image's (``routing_targets``)."""
     p, mix, local = model.parts(x)
     loss = nll_of_probs(p, y)
     if model.local is not None and cfg.aux_weight > 0:
@@ -58,7 +58,7 @@ def local_loss(model: FedCoEModel, x: torch.Tensor, y: torch.Tensor, start: Mapp
         loss = loss + cfg.prox_mu / 2 * proximal_term(shared, module_anchors(model, shared, start))
     if assigned is not None:  # route this client's images to its assigned expert
         loss = loss + cfg.assignment_weight * nll_of_probs(model.gate_probs(x), torch.full_like(y, assigned))
-    elif cfg.assignment_weight > 0 and cfg.assignment_level != "client":  # images to their best expert
+    elif cfg.assignment_weight > 0 and cfg.assignment_level != "client":  # a target per image
         targets = routing_targets(model, x, y, cfg.assignment_level)
         loss = loss + cfg.assignment_weight * nll_of_probs(model.gate_probs(x), targets)
     return loss, {}
