@@ -115,15 +115,17 @@ def best_record(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def method_record(summaries: list[dict[str, Any]], num_clients: int) -> dict[str, Any]:
-    """One method's entry of docs/results/<name>.json, from its finished runs (one per seed)."""
+def method_record(summaries: list[dict[str, Any]], num_clients: int, adapted: bool = True) -> dict[str, Any]:
+    """One method's entry of docs/results/<name>.json, from its finished runs (one per seed): each
+    metric at its best label-free variant, or unadapted (``adapted`` False: a calibration against
+    a published figure that used none)."""
     finals = [s.get("final", {}) for s in summaries]
     record: dict[str, Any] = {"seeds": [s.get("seed") for s in summaries]}
     raw: dict[str, Any] = {}
     for metric in METRICS:
         name, values, unadapted = best_variant(finals, metric.key)
-        record[metric.name] = {**stats(values), "variant": name}
         raw[metric.name] = {**stats(unadapted), "variant": "none"}
+        record[metric.name] = {**stats(values), "variant": name} if adapted else dict(raw[metric.name])
     record["raw"] = raw
     record["best"] = best_record(summaries)
     keys = sorted({f"{m.key}_{name}" for f in finals for m in METRICS if m.key != "personalized_accuracy"
