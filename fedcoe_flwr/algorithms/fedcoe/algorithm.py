@@ -320,7 +320,9 @@ def balanced_class_assignment(label_logp: torch.Tensor, y: torch.Tensor, num_cla
     present = onehot.sum(0) > 0
     # (classes, experts) mean log-probability, <= 0 where present
     score = (onehot.T @ label_logp) / onehot.sum(0).clamp_min(1)[:, None]
-    score = torch.where(present[:, None], score, torch.full_like(score, -torch.inf))  # absent classes last
+    lowest = torch.finfo(score.dtype).min
+    # absent classes last: below every present class, above the pairs a step rules out
+    score = torch.where(present[:, None], score, torch.full_like(score, lowest / 2))
     capacity = torch.ceil(present.sum() / num_experts)
     taken = torch.zeros(num_experts, device=y.device)
     is_open = torch.ones(num_classes, dtype=torch.bool, device=y.device)
@@ -328,9 +330,7 @@ def balanced_class_assignment(label_logp: torch.Tensor, y: torch.Tensor, num_cla
     for _ in range(num_classes):
         room = (taken < capacity) | ~(is_open & present).any()  # once only absent classes are left: any
         allowed = is_open[:, None] & room[None, :]
-        # -inf scores of absent classes stay above the disallowed pairs
-        masked = torch.where(allowed, score.clamp_min(torch.finfo(score.dtype).min / 2),
-                             torch.full_like(score, torch.finfo(score.dtype).min))
+        masked = torch.where(allowed, score, torch.full_like(score, lowest))
         flat = masked.flatten().argmax()
         pick = classes == flat // num_experts
         choice = torch.where(pick, flat % num_experts, choice)
