@@ -26,13 +26,13 @@ from ...models import build_expert
 from ..base import Algorithm, ClientStep, Predictor, Reply, ServerState
 from ..training import (Arrays, LocalTask, Trained, accuracy, module_anchors, nll_of_probs, predict_probs, prefixed,
                         proximal_term, seeded_init, state_of, unprefixed, weighted_average)
-from .aggregation import aggregate_pool, expert_set, routing_diagnostics
+from .aggregation import aggregate_pool, class_groups, expert_set, routing_diagnostics
 from ...data import DataError, load_global_test
 from ..adaptation import prior_of
 from ..specialisation import KEYS as SPECIALISATION_KEYS
 from ..specialisation import plot_specialisation, specialisation
 from .coldstart import NewClientModel, adapt_new_client, coldstart_evaluate, pool_model
-from .model import (CLASS_MARGINAL, CORRELATION, GATE, TRAIN_PRIOR, TRUNK, FedCoEModel, build_client_model,
+from .model import (CLASS_COOCCURRENCE, CLASS_MARGINAL, CORRELATION, GATE, TRAIN_PRIOR, TRUNK, FedCoEModel, build_client_model,
                     build_gate, expert_prefix, network_part)
 from .params import FedCoEParams, experts_per_client
 from .plots import plot_correlation
@@ -40,11 +40,13 @@ from ..adaptation import as_prior, prior_correct
 
 
 def local_loss(model: FedCoEModel, x: torch.Tensor, y: torch.Tensor, start: Mapping[str, torch.Tensor], *,
-               cfg: ExperimentConfig, assigned: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+               cfg: ExperimentConfig, assigned: int | None = None, class_expert: tuple[int, ...] = ()
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """NLL of the personalised prediction, plus (docs/algorithms/fedcoe.md) the global
     mixture's own NLL, the local part's own NLL, the routers' load balance, the proximal
     term of the shared parts to where they started and, with ``assignment_weight``, the gate's
-    routing target: the client's ``assigned`` expert, or each image's (``routing_targets``)."""
+    routing target: the client's ``assigned`` expert, or each image's (``routing_targets``;
+    ``class_expert``: the server's class -> expert map of ``class_groups``)."""
     p, mix, local = model.parts(x)
     loss = nll_of_probs(p, y)
     if model.local is not None and cfg.aux_weight > 0:
@@ -59,7 +61,7 @@ def local_loss(model: FedCoEModel, x: torch.Tensor, y: torch.Tensor, start: Mapp
     if assigned is not None:  # route this client's images to its assigned expert
         loss = loss + cfg.assignment_weight * nll_of_probs(model.gate_probs(x), torch.full_like(y, assigned))
     elif cfg.assignment_weight > 0 and cfg.assignment_level != "client":  # a target per image
-        targets = routing_targets(model, x, y, cfg.assignment_level)
+        targets = routing_targets(model, x, y, cfg.assignment_level, class_expert)
         loss = loss + cfg.assignment_weight * nll_of_probs(model.gate_probs(x), targets)
     return loss, {}
 
@@ -87,6 +89,8 @@ class FedCoE(Algorithm):
             "correlation_known": np.zeros(cfg.num_clients, dtype=bool),
             "train_prior": np.full(num_classes, 1.0 / num_classes),
         }
+        if uses_class_groups(cfg):  # until the first aggregation: class c to expert c mod K
+            extra["class_expert"] = np.arange(num_classes) % cfg.num_experts
         return ServerState(arrays, extra)
 
     def client_experts(self, state: ServerState, cfg: ExperimentConfig, client_index: int) -> list[int]:
@@ -101,6 +105,8 @@ class FedCoE(Algorithm):
 
     def train_payload(self, state, cfg, client_index, server_round):
         arrays, config = self._payload(state, self.client_experts(state, cfg, client_index))
+        if uses_class_groups(cfg):
+            config["class_expert"] = [int(k) for k in state.extra["class_expert"]]
         return self._with_prior(arrays, state, cfg.local_prior_correction), config
 
     def coldstart_payload(self, state, cfg, client_parts=None):
@@ -120,10 +126,12 @@ class FedCoE(Algorithm):
         expected[CORRELATION] = ((cfg.num_experts,), torch.float32)
         num_classes = next(v.shape[0] for k, v in payload.items() if k.endswith("classifier.bias"))
         expected[CLASS_MARGINAL] = ((num_classes,), torch.float32)
+        if uses_class_groups(cfg):
+            expected[CLASS_COOCCURRENCE] = ((num_classes, num_classes), torch.float32)
         return expected
 
     def validate_upload(self, arrays: Arrays, cfg: ExperimentConfig) -> str | None:
-        for key in (CORRELATION, CLASS_MARGINAL):
+        for key in (CORRELATION, CLASS_MARGINAL, CLASS_COOCCURRENCE):
             row = arrays.get(key)
             if row is not None and ((row < 0).any() or abs(float(row.sum()) - 1.0) > 1e-3):
                 return f"{key} row is not a probability vector (sum {float(row.sum()):.4f})"
@@ -153,6 +161,9 @@ class FedCoE(Algorithm):
         diagnostics = {"expert_max_client_share": [(-1.0 if s is None else s) for s in max_share],
                        **routing_diagnostics(correlation[known])}
         extra = {"correlation": correlation, "correlation_known": known, "train_prior": train_prior}
+        if uses_class_groups(cfg):
+            joint = sum(w * r.arrays[CLASS_COOCCURRENCE].double().numpy() for w, r in zip(n, replies)) / sum(n)
+            extra["class_expert"] = class_groups(joint, cfg.num_experts, state.extra.get("class_expert"))
         return ServerState(arrays, extra), diagnostics
 
     def add_client(self, state: ServerState, client_index: int, cfg: ExperimentConfig) -> ServerState:
@@ -248,15 +259,19 @@ class FedCoE(Algorithm):
             upload[CORRELATION] = row.float()
             # mean predicted class probabilities of the global mixture (no labels): the server's
             # sample-weighted mean is the training prior the cold-start EM correction needs
-            upload[CLASS_MARGINAL] = predict_probs(lambda x: model.mixture(x)[0], data.train_x, cfg, device
-                                                   ).mean(0).float()
+            probs = predict_probs(lambda x: model.mixture(x)[0], data.train_x, cfg, device)
+            upload[CLASS_MARGINAL] = probs.mean(0).float()
+            if uses_class_groups(cfg):
+                upload[CLASS_COOCCURRENCE] = (probs.T @ probs / len(probs)).float()
             return upload, (model.private_state() or None), {"num_samples": data.num_train,
                                                              "train_loss": trained.mean_loss}
 
         assigned = assigned_expert(model, data, cfg, device) \
             if cfg.assignment_weight > 0 and cfg.assignment_level == "client" else None
+        class_expert = tuple(int(k) for k in config["class_expert"]) if uses_class_groups(cfg) else ()
         # the expert set names the parameters (expert.<k>.*) and picks the gate's columns
-        return LocalTask(model, partial(local_loss, cfg=cfg, assigned=assigned), finish, data, step.seed,
+        return LocalTask(model, partial(local_loss, cfg=cfg, assigned=assigned, class_expert=class_expert),
+                         finish, data, step.seed,
                          signature=tuple(ids), uses_start=cfg.prox_mu > 0)
 
     def client_predict(self, step: ClientStep) -> Predictor:
@@ -288,15 +303,23 @@ def assigned_expert(model: FedCoEModel, data: Any, cfg: ExperimentConfig, device
     return min(losses, key=losses.__getitem__)
 
 
+def uses_class_groups(cfg: ExperimentConfig) -> bool:
+    return cfg.assignment_weight > 0 and cfg.assignment_level == "class_groups"
+
+
 @torch.no_grad()
-def routing_targets(model: FedCoEModel, x: torch.Tensor, y: torch.Tensor, level: str = "sample") -> torch.Tensor:
+def routing_targets(model: FedCoEModel, x: torch.Tensor, y: torch.Tensor, level: str = "sample",
+                    class_expert: tuple[int, ...] = ()) -> torch.Tensor:
     """Each image's routing target for the gate, among the client's experts. ``sample`` (hard
     EM): the expert whose own prediction gives the image's label the highest probability.
     ``class``: every image of a class goes to one expert, chosen by the class's mean
     log-probability in the batch, each expert taking at most its equal share of the batch's
     classes (expert capacity), so that an expert better at everything cannot take every class.
     ``label_split``: class c to expert c mod E, a fixed split of the label space, the same on
-    every client and round."""
+    every client and round. ``class_groups``: class c to ``class_expert[c]`` (of the pool, which
+    the gate spans whatever the client's set), the server's grouping of confusable classes."""
+    if level == "class_groups":
+        return torch.as_tensor(class_expert, device=y.device)[y]
     ids = torch.as_tensor(model.expert_ids, device=x.device)
     if level == "label_split":
         return ids[y % len(ids)]

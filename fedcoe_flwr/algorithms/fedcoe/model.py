@@ -19,6 +19,8 @@ GATE = "gate."
 TRUNK = "trunk."
 CORRELATION = "correlation"
 CLASS_MARGINAL = "class_marginal"  # mean predicted class probabilities (no labels): EM's training prior
+# E[p p^T] of the mixture's predicted class probabilities (no labels): which classes it confuses
+CLASS_COOCCURRENCE = "class_cooccurrence"
 TRAIN_PRIOR = "train_prior"
 LOCAL_PRIOR = "local_prior"  # private: the client's own label distribution
 

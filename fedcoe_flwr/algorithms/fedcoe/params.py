@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from ...config import ExperimentConfig, Section, bad_value, require
 
 LOCAL_PARTS = ("head", "expert_head", "expert", "none")
-ASSIGNMENT_LEVELS = ("client", "sample", "class", "label_split")
+ASSIGNMENT_LEVELS = ("client", "sample", "class", "label_split", "class_groups")
 GATE_INPUTS = ("image", "trunk")
 COLDSTART_PRIORS = ("predicted", "uniform")
 
@@ -27,7 +27,8 @@ class FedCoEParams(Section):
     assignment_weight: float = 0.0
     # "client": one expert per client (IFCA); "sample": each image's own lowest-loss expert (hard EM);
     # "class": each class of a batch to one expert, capacity-limited; "label_split": class c to
-    # expert c mod K (algorithm.routing_targets)
+    # expert c mod K; "class_groups": confusable classes to one expert, the groups chosen at each
+    # aggregation from the clients' label-free prediction co-occurrence (algorithm.routing_targets)
     assignment_level: str = "client"
     local_loss_weight: float = 1.0  # cross-entropy of the local part alone, added to the client's loss
     local_prior_correction: bool = True  # the client's model re-weights the pool by its own label prior

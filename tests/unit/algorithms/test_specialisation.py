@@ -103,6 +103,9 @@ def test_hard_em_routes_each_image_to_the_expert_that_predicts_it_best(tmp_path)
     assert routing_targets(model.eval(), x, torch.tensor([3, 7, 7, 3])).tolist() == [0, 2, 2, 0]
     # label_split: class c to the client's (c mod 2)-th expert, whatever the experts predict
     assert routing_targets(model, x, torch.tensor([0, 1, 2, 3]), "label_split").tolist() == [0, 2, 0, 2]
+    # class_groups: the server's map, over the whole pool (expert 1 too, which this client lacks)
+    class_expert = (1, 0, 2, 1, 0, 2, 1, 0, 2, 1)
+    assert routing_targets(model, x, torch.tensor([0, 1, 2, 9]), "class_groups", class_expert).tolist() == [1, 0, 2, 1]
     loop, _ = one_round(tmp_path, algorithm="fedcoe", assignment_weight=1.0, assignment_level="sample")
     assert loop.history[-1]["global_accuracy"] is not None
 
@@ -126,3 +129,17 @@ def test_class_level_targets_send_each_class_to_one_expert_within_capacity():
 def test_class_level_routing_targets_train_through_a_round(tmp_path):
     loop, _ = one_round(tmp_path, algorithm="fedcoe", assignment_weight=1.0, assignment_level="class")
     assert loop.history[-1]["global_accuracy"] is not None
+
+
+def test_class_groups_are_chosen_at_aggregation_and_sent_to_the_clients(tmp_path):
+    from fedcoe_flwr.algorithms.fedcoe.model import CLASS_COOCCURRENCE
+
+    loop, _ = one_round(tmp_path, algorithm="fedcoe", assignment_weight=1.0, assignment_level="class_groups")
+    state, cfg = loop.state, loop.cfg
+    class_expert = state.extra["class_expert"]
+    assert sorted(np.bincount(class_expert, minlength=cfg.num_experts)) == sorted(
+        np.bincount(np.arange(len(class_expert)) % cfg.num_experts, minlength=cfg.num_experts))
+    _, config = loop.algorithm.train_payload(state, cfg, 0, 2)
+    assert config["class_expert"] == [int(k) for k in class_expert]
+    payload, _ = loop.algorithm.train_payload(state, cfg, 0, 2)
+    assert CLASS_COOCCURRENCE in loop.algorithm.expected_upload(payload, config, cfg)

@@ -42,6 +42,7 @@ CASES = {
     "fedcoe-image-assignment": ("fedcoe", {"assignment_weight": 0.5, "assignment_level": "sample"}),
     "fedcoe-class-assignment": ("fedcoe", {"assignment_weight": 0.5, "assignment_level": "class"}),
     "fedcoe-label-split": ("fedcoe", {"assignment_weight": 0.5, "assignment_level": "label_split"}),
+    "fedcoe-class-groups": ("fedcoe", {"assignment_weight": 0.5, "assignment_level": "class_groups"}),
     "fedavg-resnet-batchnorm-augment": ("fedavg", {**RESNET, "augment": True}),
 }
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from harness import assert_same, clone
 
-from fedcoe_flwr.algorithms.fedcoe.aggregation import (aggregate_expert, aggregate_pool, cap_shares, expert_set,
+from fedcoe_flwr.algorithms.fedcoe.aggregation import (aggregate_expert, aggregate_pool, cap_shares, class_groups, expert_set,
                                                        expert_weights, routing_diagnostics)
 
 
@@ -185,3 +185,36 @@ def test_routing_diagnostics_by_hand():
     collapsed = routing_diagnostics(np.array([[1.0, 0.0], [1.0, 0.0]]))
     assert collapsed["expert_usage_entropy"] == pytest.approx(0.0, abs=1e-9)
     assert routing_diagnostics(np.zeros((0, 3))) == {"expert_usage": []}
+
+
+def cooccurrence_of(clusters: np.ndarray, seed: int) -> np.ndarray:
+    """E[p p^T] of predictions that confuse a class with the others of its cluster."""
+    rng = np.random.default_rng(seed)
+    probs = []
+    for c in rng.integers(len(clusters), size=2000):
+        p = np.full(len(clusters), 0.01)
+        p[clusters == clusters[c]] += 0.3
+        p[c] += 0.5
+        probs.append(p / p.sum())
+    probs = np.array(probs)
+    return probs.T @ probs / len(probs)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_class_groups_put_confusable_classes_on_one_expert(seed):
+    clusters = np.random.default_rng(seed).permutation([0, 0, 0, 1, 1, 1, 2, 2, 3, 3])
+    group = class_groups(cooccurrence_of(clusters, seed), 4)
+    assert sorted(np.bincount(group, minlength=4)) == [2, 2, 3, 3]
+    for c in range(4):  # each cluster whole on one expert
+        assert len(set(group[clusters == c].tolist())) == 1
+
+
+def test_class_groups_keep_each_class_on_its_previous_expert():
+    clusters = np.array([0, 0, 0, 1, 1, 1, 2, 2, 3, 3])
+    previous = np.array([3, 3, 3, 2, 2, 2, 1, 1, 0, 0])
+    assert class_groups(cooccurrence_of(clusters, 0), 4, previous).tolist() == previous.tolist()
+
+
+def test_class_groups_stay_balanced_when_nothing_is_alike():
+    assert sorted(np.bincount(class_groups(np.eye(100) / 100, 4))) == [25] * 4
+    assert sorted(np.bincount(class_groups(np.full((10, 10), 0.01), 3))) == [3, 3, 4]
