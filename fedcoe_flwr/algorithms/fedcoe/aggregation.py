@@ -107,32 +107,26 @@ def routing_diagnostics(rows: np.ndarray) -> dict[str, Any]:
 
 
 def class_groups(cooccurrence: np.ndarray, num_experts: int, previous: np.ndarray | None = None) -> np.ndarray:
-    """Each class's expert: the classes split into ``num_experts`` groups of at most
-    ceil(C/K), confusable classes together, so that the gate's decision (which group) is the
-    easy one and each expert learns the fine distinctions within its group.
+    """Each class's expert: the classes split into ``num_experts`` groups of sizes equal to within
+    one, confusable classes together, so that the gate's decision (which group) is the easy one
+    and each expert learns the fine distinctions within its group.
 
     ``cooccurrence``: C x C, E[p p^T] of the mixture's predicted class probabilities over the
     clients' training images (no labels); classes are alike in proportion to their lift
-    E[p_i p_j] / (E[p_i] E[p_j]). A greedy start (largest groups first, each seeded with the
-    class least like the others left and filled with its most alike) is improved by swapping
-    classes between groups, or moving one to a group one smaller, while the within-group likeness
-    rises; the group sizes stay equal to within one. ``previous``: the last map; groups are then
-    numbered to keep as many classes on their expert as possible, so experts keep their classes
-    from round to round."""
+    E[p_i p_j] / (E[p_i] E[p_j]). The search starts from ``previous`` (the last round's map) when
+    given, else from a greedy split (each group seeded with the class least like the others left,
+    filled with its most alike), and swaps two classes, or moves one to a group one smaller, while
+    that raises the within-group likeness: a class changes expert only when the clients'
+    predictions say so, and experts keep their classes from round to round."""
     joint = np.asarray(cooccurrence, dtype=np.float64)
     num_classes = joint.shape[0]
     marginal = joint.sum(1)
     lift = (joint + joint.T) / 2 / np.maximum(np.outer(marginal, marginal), 1e-12)
     np.fill_diagonal(lift, 0.0)
-    sizes = [num_classes // num_experts + (g < num_classes % num_experts) for g in range(num_experts)]
-    group = np.full(num_classes, -1)
-    for g, size in enumerate(sizes):
-        free = np.flatnonzero(group < 0)
-        seed = free[np.argmax(-lift[np.ix_(free, free)].sum(1))]  # the class least like the rest
-        group[seed] = g
-        for _ in range(size - 1):
-            free = np.flatnonzero(group < 0)
-            group[free[np.argmax(lift[np.ix_(free, np.flatnonzero(group == g))].sum(1))]] = g
+    if previous is not None and len(previous) == num_classes:
+        group = np.asarray(previous, dtype=np.int64).copy()
+    else:
+        group = _greedy_groups(lift, num_experts)
 
     def gain_of_move(c: int, g: int) -> float:
         return lift[c, group == g].sum() - lift[c, (group == group[c]) & (np.arange(num_classes) != c)].sum()
@@ -156,19 +150,17 @@ def class_groups(cooccurrence: np.ndarray, num_experts: int, previous: np.ndarra
             group[a] = g
         else:
             group[a], group[b] = group[b], group[a]
-    return _renumbered(group, num_experts, previous)
+    return group
 
 
-def _renumbered(group: np.ndarray, num_experts: int, previous: np.ndarray | None) -> np.ndarray:
-    """Group labels matched greedily to the experts of ``previous`` by the classes they share."""
-    if previous is None or len(previous) != len(group):
-        return group
-    previous = np.asarray(previous)
-    overlap = np.array([[np.sum((group == g) & (previous == k)) for k in range(num_experts)]
-                        for g in range(num_experts)], dtype=np.float64)
-    label = np.full(num_experts, -1)
-    for _ in range(num_experts):
-        g, k = np.unravel_index(np.argmax(overlap), overlap.shape)
-        label[g] = k
-        overlap[g, :], overlap[:, k] = -1, -1
-    return label[group]
+def _greedy_groups(lift: np.ndarray, num_experts: int) -> np.ndarray:
+    num_classes = len(lift)
+    sizes = [num_classes // num_experts + (g < num_classes % num_experts) for g in range(num_experts)]
+    group = np.full(num_classes, -1)
+    for g, size in enumerate(sizes):
+        free = np.flatnonzero(group < 0)
+        group[free[np.argmin(lift[np.ix_(free, free)].sum(1))]] = g
+        for _ in range(size - 1):
+            free = np.flatnonzero(group < 0)
+            group[free[np.argmax(lift[np.ix_(free, np.flatnonzero(group == g))].sum(1))]] = g
+    return group

@@ -209,10 +209,16 @@ def test_class_groups_put_confusable_classes_on_one_expert(seed):
         assert len(set(group[clusters == c].tolist())) == 1
 
 
-def test_class_groups_keep_each_class_on_its_previous_expert():
+def test_class_groups_start_from_the_previous_map_and_change_it_only_where_the_predictions_say():
     clusters = np.array([0, 0, 0, 1, 1, 1, 2, 2, 3, 3])
-    previous = np.array([3, 3, 3, 2, 2, 2, 1, 1, 0, 0])
-    assert class_groups(cooccurrence_of(clusters, 0), 4, previous).tolist() == previous.tolist()
+    joint = cooccurrence_of(clusters, 0)
+    best = np.array([3, 3, 3, 2, 2, 2, 1, 1, 0, 0])
+    assert class_groups(joint, 4, best).tolist() == best.tolist()  # the experts keep their classes
+    one_off = best.copy()
+    one_off[[0, 9]] = one_off[[9, 0]]
+    assert class_groups(joint, 4, one_off).tolist() == best.tolist()
+    # nothing alike: any balanced map is as good, so the previous one stays
+    assert class_groups(np.full((10, 10), 0.01), 4, one_off).tolist() == one_off.tolist()
 
 
 def test_class_groups_stay_balanced_when_nothing_is_alike():
