@@ -208,6 +208,20 @@ class GateNet(nn.Module):
         return self.out(self.body(x).mean(dim=(2, 3)))
 
 
+class GateMLP(nn.Module):
+    """FedCoE's shared gate over the shared trunk's feature map flattened: one hidden layer, the
+    shape of an expert's head, so that telling groups of classes apart gets the capacity that
+    telling the classes apart has."""
+
+    def __init__(self, num_experts: int, in_features: int, hidden: int):
+        super().__init__()
+        self.hidden = nn.Linear(in_features, hidden)
+        self.out = nn.Linear(hidden, num_experts)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.out(F.relu(self.hidden(h.flatten(1))))
+
+
 def build_expert(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
     if cfg.model == "resnet_moe":
         return ResNetMoE(num_classes, cfg)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...config import ExperimentConfig
-from ...models import GateNet, build_expert
+from ...models import GateMLP, GateNet, build_expert
 from ..training import Arrays, expert_prefix, prefixed, seeded_init, state_of, unprefixed
 from ..adaptation import as_prior, prior_correct
 
@@ -42,12 +42,16 @@ def load_network_part(net: nn.Module, arrays: Mapping[str, torch.Tensor], part: 
                        f"unexpected {unexpected[:3]}")
 
 
-def build_gate(cfg: ExperimentConfig, num_classes: int) -> GateNet:
-    """The shared gate: over the image, or (``gate_input: trunk``) over the shared trunk's
-    feature map, which the gate then helps train and which already encodes the class."""
+def build_gate(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
+    """The shared gate: over the image, or (``gate_input: trunk``, ``trunk_flat``) over the shared
+    trunk's feature map, which the gate then helps train and which already encodes the class."""
     if cfg.gate_input == "trunk":
         channels = build_expert(cfg, num_classes).trunk_channels
         return GateNet(cfg.num_experts, cfg.gate_width, in_channels=channels, stride=1)
+    if cfg.gate_input == "trunk_flat":
+        with torch.no_grad():
+            size = build_expert(cfg, num_classes).trunk(torch.zeros(1, 3, cfg.image_size, cfg.image_size)).numel()
+        return GateMLP(cfg.num_experts, size, 8 * cfg.gate_width)
     return GateNet(cfg.num_experts, cfg.gate_width)
 
 
@@ -59,7 +63,7 @@ class FedCoEModel(nn.Module):
         super().__init__()
         self.expert_ids = list(expert_ids)
         self.gate = build_gate(cfg, num_classes)
-        self.gate_on_trunk = cfg.gate_input == "trunk"
+        self.gate_on_trunk = cfg.gate_input != "image"
         # with a shared trunk, only the trunk part of ``trunk`` and the head parts of the experts are used
         self.trunk = build_expert(cfg, num_classes) if cfg.shared_trunk else None
         self.expert_part = "head" if cfg.shared_trunk else "all"

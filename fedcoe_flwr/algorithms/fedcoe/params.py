@@ -8,7 +8,7 @@ from ...config import ExperimentConfig, Section, bad_value, require
 
 LOCAL_PARTS = ("head", "expert_head", "expert", "none")
 ASSIGNMENT_LEVELS = ("client", "sample", "class", "label_split", "class_groups")
-GATE_INPUTS = ("image", "trunk")
+GATE_INPUTS = ("image", "trunk", "trunk_flat")
 COLDSTART_PRIORS = ("predicted", "uniform")
 
 
@@ -19,7 +19,9 @@ class FedCoEParams(Section):
     prox_mu: float = 0.01  # proximal term on the shared parts, as FedProx
     local_part: str = "head"
     shared_trunk: bool = True  # experts share one trunk (averaged like FedAvg) and differ in their heads
-    gate_input: str = "trunk"  # the shared gate over the shared trunk's features or the raw image ("image")
+    # the shared gate over the shared trunk's feature map ("trunk": two convolutions, pooled), over
+    # it flattened ("trunk_flat": one hidden layer of 8 x gate_width, like an expert's head) or the image
+    gate_input: str = "trunk"
     gate_width: int = 16
     gate_temperature: float = 1.0  # softmax temperature of the shared gate (< 1: sharper routing)
     # IFCA-style client-level assignment (Ghosh et al. 2020): the gate is also trained to send the
@@ -53,7 +55,7 @@ class FedCoEParams(Section):
         if self.local_part == "expert_head" and not self.shared_trunk:
             raise bad_value("local_part", self.local_part,
                             "'expert_head' sits on the shared trunk: set shared_trunk=true (or use 'head')")
-        if self.gate_input == "trunk" and not self.shared_trunk:
+        if self.gate_input.startswith("trunk") and not self.shared_trunk:
             raise bad_value("gate_input", self.gate_input,
                             "'trunk' routes on the shared trunk's features: set shared_trunk=true (or use 'image')")
         if self.top_m > cfg.network.num_experts:

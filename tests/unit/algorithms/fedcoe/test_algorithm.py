@@ -280,8 +280,9 @@ def test_expert_head_needs_the_shared_trunk(make_cfg):
 
 
 @pytest.mark.parametrize("model", ["cnn", "resnet_moe"])
-def test_gate_on_trunk_routes_on_the_trunks_features_and_trains_it(make_cfg, cpu, model):
-    cfg = make_cfg(model=model, shared_trunk=True, gate_input="trunk", num_experts=3, norm="none")
+@pytest.mark.parametrize("gate_input", ["trunk", "trunk_flat"])
+def test_gate_on_trunk_routes_on_the_trunks_features_and_trains_it(make_cfg, cpu, model, gate_input):
+    cfg = make_cfg(model=model, shared_trunk=True, gate_input=gate_input, num_experts=3, norm="none")
     algo = FedCoE()
     state = algo.init_state(cfg, 4)
     net = FedCoEModel(cfg, 4, [0, 1, 2], with_private=False)
@@ -293,7 +294,8 @@ def test_gate_on_trunk_routes_on_the_trunks_features_and_trains_it(make_cfg, cpu
         h = net.trunk.trunk(x)
         torch.testing.assert_close(net.gate_probs(x), torch.softmax(net.gate(h), 1))
         torch.testing.assert_close(net.gate_probs(x, h), net.gate_probs(x))
-    assert net.gate.body[0].in_channels == h.shape[1]
+    first_layer = net.gate.body[0].in_channels if gate_input == "trunk" else net.gate.hidden.in_features
+    assert first_layer == (h.shape[1] if gate_input == "trunk" else h[0].numel())
     # a round trip: the upload validates and the gate's gradient reaches the trunk
     payload, config = algo.train_payload(state, cfg, 0, 1)
     upload, _, metrics = algo.client_train(ClientStep(arrays=payload, config=config, private=None, data=data, cfg=cfg, num_classes=4, device=cpu, seed=3))
