@@ -15,7 +15,6 @@ from flwr.app import Context, Message, RecordDict
 from ..algorithms import get_algorithm
 from ..algorithms.adaptation import MEAN_PROBS_KEY, mean_prediction
 from ..algorithms.base import Algorithm, ClientStep
-from ..algorithms.specialisation import client_gate_counts
 from ..algorithms.training import accuracy
 from ..cohort import DEFAULT_CHUNK_SIZE, train_clients
 from ..config import ExperimentConfig
@@ -185,6 +184,8 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
         metrics["global_accuracy"] = accuracy(predict, gx, gy, cfg, device)
         gate = call.algorithm.client_gate(call.step(private, None))
         if gate is not None:  # a per-client mixture: how its gate routes the global test set
+            from ..algorithms.specialisation import client_gate_counts  # matplotlib: not at every start-up
+
             metrics.update(client_gate_counts(gate, gx, gy, call.num_classes, cfg, device))
     journal(role, cfg, {"round": call.server_round, "phase": "evaluate", "source": source,
                         "crc_in": state_checksum(private), "run_id": int(context.run_id)})

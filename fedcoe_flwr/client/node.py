@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-import ray
 import torch
 from flwr.app import Context
 
@@ -54,8 +54,9 @@ def configure_threads(node_config: Mapping[str, Any] | None = None) -> None:
     if threads is not None:
         torch.set_num_threads(max(1, int(threads)))
         return
+    ray = sys.modules.get("ray")  # only a Ray worker has it; importing it costs every ClientApp start-up
     try:
-        if ray.is_initialized():
+        if ray is not None and ray.is_initialized():
             cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
             if cpus:
                 torch.set_num_threads(max(1, int(cpus)))

@@ -84,9 +84,7 @@ def onboard_deployment(tmp_path_factory, onboard_certs):
         out["train_rc"] = dep.wait_run(timeout=600)
         out["train_lines"] = list(dep.run_lines)
         # serving mode: no training client left
-        for index in list(dep.nodes):
-            if dep.nodes[index].alive():
-                dep.stop_supernode(index)
+        dep.stop_supernodes([index for index, proc in dep.nodes.items() if proc.alive()])
         t0 = time.time()
         dep.start_run(serve_from=str(dep.results_dir), serve_max_nodes=1, serve_timeout=240.0)
         out["served"] = dep.add_site(site_b, name="new-site-b")

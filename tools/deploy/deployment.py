@@ -46,7 +46,9 @@ SUPERNODE_MAX_WAIT_S = 300
 # "database is locked" (docs/DEPLOYMENT.md, pitfalls).
 SUPERNODE_NICENESS = 10
 POLL_S = 2.0  # between two `flwr supernode list` calls (each is a Python start-up and a SuperLink query)
-STATUS_POLL_S = 20.0  # between two `flwr ls` calls while the ServerApp still runs
+# between two `flwr ls` calls while the ServerApp still runs: they only catch a run that ended
+# without writing summary.json (a crash), and each is ~2 s of CPU and a SuperLink database write
+STATUS_POLL_S = 60.0
 CLI_ATTEMPTS = 3  # a `flwr` query that fails this many times in a row ends the wait
 
 
@@ -314,6 +316,11 @@ class LocalDeployment:
         self.exited[f"{proc.name}@{proc.pid}"] = rc
         return rc
 
+    def stop_supernodes(self, indices: list[int], grace: float = 10.0) -> dict[int, int | None]:
+        """Stop these nodes as ``stop_supernode`` does, side by side (each takes seconds to leave)."""
+        with ThreadPoolExecutor(max_workers=max(1, len(indices))) as pool:
+            return dict(zip(indices, pool.map(lambda i: self.stop_supernode(i, grace), indices)))
+
     def restart_supernode(self, index: int, timeout: float = 120.0) -> float:
         """Stop node ``index`` gracefully (SIGTERM to its process group: it deactivates at the
         SuperLink), start it again with the same key, node config and state folder, and wait
@@ -342,7 +349,6 @@ class LocalDeployment:
         lists it online. Returns its node index (``self.nodes``, ``self.node_ids``)."""
         index = max([self.num_nodes + self.unregistered - 1, *self.nodes, *self.extra_sites]) + 1
         self.extra_sites[index] = (name or f"new-site-{index}", str(Path(data_dir).resolve()))
-        online_before = sum(n["status"] == "online" for n in self.node_status().values())
         since: dict[int, str] = {}
         if self.tls:
             if not self.key(index).is_file():
@@ -350,6 +356,8 @@ class LocalDeployment:
             node_id = self.register(index)
             since[node_id] = "N/A"  # a key registered just now has never been online
             self.echo(f"[deploy] registered {self.key(index)}.pub as SuperNode {node_id} ({self.site_name(index)})")
+        else:  # without node auth there is no id to wait for: one more node online
+            online_before = sum(n["status"] == "online" for n in self.node_status().values())
         t0 = time.time()
         proc = self.start_supernode(index)
         self.wait_online(0 if since else online_before + 1, since=since, timeout=timeout, watch={index: proc})
@@ -491,9 +499,16 @@ class LocalDeployment:
     def stop_all(self) -> list[int]:
         """Stop everything this deployment started; returns PIDs that had to be swept
         (processes outside the process groups: detached SuperExecs, orphaned ClientApps)."""
-        for proc in reversed(self._all):  # a leader that exited may have left its group behind
+        def stop(proc: Proc) -> None:  # a leader that exited may have left its group behind
             rc = stop_group(proc.popen, grace=3.0 if proc is not self.superlink else 5.0)
             self.exited.setdefault(f"{proc.name}@{proc.pid}", rc)
+
+        links = [p for p in self._all if p.name == "superlink"]
+        others = [p for p in self._all if p.name != "superlink"]
+        for batch in (others, links):  # the SuperNodes side by side (seconds each), then the SuperLink
+            if batch:
+                with ThreadPoolExecutor(max_workers=len(batch)) as pool:
+                    list(pool.map(stop, batch))
         return sweep(self.mark)
 
     def __enter__(self) -> "LocalDeployment":
