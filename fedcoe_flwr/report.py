@@ -15,7 +15,6 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .fileio import atomic_write, read_jsonl
-from .server.callbacks.summary import best_round
 
 
 class Metric(NamedTuple):
@@ -102,16 +101,23 @@ def finite_or_none(value: float, digits: int) -> float | None:
     return None if not np.isfinite(value) else round(float(value), digits)
 
 
-def best_record(summaries: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per headline metric, each seed's best evaluated value (metrics.jsonl): mean ± std over
-    seeds, and the round of each seed's best in seed order (None: that seed never measured it)."""
-    bests = [best_round(read_jsonl(Path(s["run_dir"]) / "metrics.jsonl")) for s in summaries if "run_dir" in s]
+def best_record(summaries: list[dict[str, Any]], variants: dict[str, str]) -> dict[str, Any]:
+    """Per headline metric, each seed's best evaluated value (metrics.jsonl) at the label-free
+    variant its headline uses (``variants``: metric name -> variant; "none": unadapted): mean ±
+    std over seeds, and the round of each seed's best in seed order (None: that seed never
+    measured it). Ties go to the earlier round."""
+    histories = [read_jsonl(Path(s["run_dir"]) / "metrics.jsonl") for s in summaries if "run_dir" in s]
     out = {}
     for metric in METRICS:
-        found = [b.get(metric.key) for b in bests]
+        variant = variants.get(metric.name, "none")
+        found = []
+        for history in histories:
+            scored = [(value, h["round"]) for h in history
+                      if isinstance(value := label_free_variants(h, metric.key).get(variant), (int, float))]
+            found.append(max(scored, key=lambda t: (t[0], -t[1])) if scored else None)
         if any(found):
-            out[metric.name] = {**stats([f["value"] if f else None for f in found]),
-                                "rounds": [f["round"] if f else None for f in found]}
+            out[metric.name] = {**stats([f[0] if f else None for f in found]),
+                                "rounds": [f[1] if f else None for f in found]}
     return out
 
 
@@ -127,7 +133,7 @@ def method_record(summaries: list[dict[str, Any]], num_clients: int, adapted: bo
         raw[metric.name] = {**stats(unadapted), "variant": "none"}
         record[metric.name] = {**stats(values), "variant": name} if adapted else dict(raw[metric.name])
     record["raw"] = raw
-    record["best"] = best_record(summaries)
+    record["best"] = best_record(summaries, {m.name: record[m.name]["variant"] for m in METRICS})
     keys = sorted({f"{m.key}_{name}" for f in finals for m in METRICS if m.key != "personalized_accuracy"
                    for name in measured_variants(f, m.key)})
     record["variants"] = {k: stats([f.get(k) for f in finals]) for k in keys}

@@ -166,10 +166,11 @@ def test_report_writes_the_json_and_regenerates_results_md(tmp_path):
             "personalized_accuracy_mean": 0.7, "personalized_accuracy_p10": 0.5, "coldstart_accuracy": 0.6,
             "coldstart_accuracy_em": 0.6, "coldstart_accuracy_em_uniform": 0.35, "coldstart_accuracy_plain": 0.3,
             "expert_class_mi_bits": mi, "source": "global model", "personalized_accuracy_per_client": [0.7, 0.9]})
-        # fedavg seed 1 was better at round 10 than at the end
-        finished_run(results, "fedavg", seed, {"global_accuracy": 0.41, "personalized_accuracy": 0.45 + 0.01 * seed,
+        # fedavg seed 1 was better at round 10 than at the end, its balanced global model too
+        finished_run(results, "fedavg", seed, {"global_accuracy": 0.41, "global_accuracy_balanced": 0.43,
+                                               "personalized_accuracy": 0.45 + 0.01 * seed,
                                                "coldstart_accuracy": 0.29, "source": "global model"},
-                     earlier={"personalized_accuracy": 0.5} if seed else None)
+                     earlier={"personalized_accuracy": 0.5, "global_accuracy_balanced": 0.47} if seed else None)
     docs.mkdir(parents=True)
     (docs / "_intro.md").write_text("What these tables are.\n")
     (docs / "compare_cifar10_dir0.1.md").write_text("Reading the comparison.\n")
@@ -192,17 +193,18 @@ def test_report_writes_the_json_and_regenerates_results_md(tmp_path):
                            "personalised": {"mean": pytest.approx(80.0), "std": 0.0, "variant": "none"},
                            "coldstart": {"mean": pytest.approx(30.0), "std": 0.0, "variant": "none"}}
     assert wide["expert_class_mi_bits"] == {"mean": pytest.approx(0.4), "std": pytest.approx(0.1)}
-    assert fedavg["global"]["variant"] == "none" and fedavg["raw"]["global"]["mean"] == pytest.approx(41.0)
+    assert fedavg["global"]["variant"] == "balanced" and fedavg["raw"]["global"]["mean"] == pytest.approx(41.0)
     assert fedavg["personalised"] == {"mean": pytest.approx(45.5), "std": pytest.approx(0.5), "variant": "none"}
     assert "expert_class_mi_bits" not in fedavg
     # (3 + 1) MB per round over 20 clients; 2 s per training round
     assert fedavg["mb_per_client_per_round"] == pytest.approx(4.0) and fedavg["s_per_round"] == 2.0
-    # best evaluated round: each seed's best, and its round
+    # best evaluated round: each seed's best, and its round, at the headline's variant (balanced:
+    # round 10 of seed 1, not the unadapted model's best)
     assert fedavg["best"]["personalised"] == {"mean": pytest.approx(47.5), "std": pytest.approx(2.5),
                                               "rounds": [20, 10]}
-    assert fedavg["best"]["global"] == {"mean": pytest.approx(41.0), "std": 0.0, "rounds": [20, 20]}
+    assert fedavg["best"]["global"] == {"mean": pytest.approx(45.0), "std": pytest.approx(2.0), "rounds": [20, 10]}
     comparison = (results / "compare-compare_cifar10_dir0.1" / "comparison.md").read_text()
-    assert "| fedavg | 41.00 ± 0.00 (20, 20) | 47.50 ± 2.50 (20, 10) | 29.00 ± 0.00 (20, 20) |" in comparison
+    assert "| fedavg | 45.00 ± 2.00 (20, 10) | 47.50 ± 2.50 (20, 10) | 29.00 ± 0.00 (20, 20) |" in comparison
     # the per-client plot beside curves.png, and one TensorBoard log directory over every method and seed
     out = results / "compare-compare_cifar10_dir0.1"
     assert (out / "per_client.png").stat().st_size > 0 and (out / "curves.png").is_file()
@@ -219,11 +221,11 @@ def test_report_writes_the_json_and_regenerates_results_md(tmp_path):
                                      "python -m fedcoe_flwr.compare --config " + COMPARE_CONFIG,
                                      "| fedcoe_wide | 45.00 ± 1.00 (balanced; raw 42.50 ± 0.50) | 80.00 ± 0.00 | "
                                      "60.00 ± 0.00 (em; raw 30.00 ± 0.00) | 4.000 |",
-                                     "| fedcoe_wide | 60.00 ± 0.00 | 35.00 ± 0.00 | 30.00 ± 0.00 | 42.50 ± 0.50 |",
+                                     "| fedcoe_wide | 60.00 ± 0.00 | 35.00 ± 0.00 | 30.00 ± 0.00 | n/a | 42.50 ± 0.50 |",
                                      "Reading the comparison.", "## Other measurements", "### Notes without a JSON")]
     assert order == sorted(order)
-    assert "| fedavg | 41.00 ± 0.00 | 45.50 ± 0.50 | 29.00 ± 0.00 |" in text
-    assert "(fedcoe_wide: global balanced, cold-start em; every other cell unadapted)" in text
+    assert "| fedavg | 43.00 ± 0.00 (balanced; raw 41.00 ± 0.00) | 45.50 ± 0.50 | 29.00 ± 0.00 |" in text
+    assert "(fedcoe_wide: global balanced, cold-start em; fedavg: global balanced; every other cell unadapted)" in text
 
     # the file is regenerated, never edited: a hand edit does not survive, and the same inputs give the same file
     doc_path.write_text(text.replace("45.00 ± 1.00", "99.00 ± 0.00"))
