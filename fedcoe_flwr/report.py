@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .fileio import atomic_write, read_jsonl
+from .server.callbacks.summary import best_of
 
 
 class Metric(NamedTuple):
@@ -112,9 +113,8 @@ def best_record(summaries: list[dict[str, Any]], variants: dict[str, str]) -> di
         variant = variants.get(metric.name, "none")
         found = []
         for history in histories:
-            scored = [(value, h["round"]) for h in history
-                      if isinstance(value := label_free_variants(h, metric.key).get(variant), (int, float))]
-            found.append(max(scored, key=lambda t: (t[0], -t[1])) if scored else None)
+            found.append(best_of([(value, h["round"]) for h in history
+                                  if isinstance(value := label_free_variants(h, metric.key).get(variant), (int, float))]))
         if any(found):
             out[metric.name] = {**stats([f[0] if f else None for f in found]),
                                 "rounds": [f[1] if f else None for f in found]}

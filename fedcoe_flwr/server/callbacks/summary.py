@@ -23,14 +23,18 @@ def versions() -> dict[str, str]:
             "numpy": numpy.__version__, "cuda": str(torch.cuda.is_available())}
 
 
+def best_of(scored: list[tuple[float, int]]) -> tuple[float, int] | None:
+    """The highest (value, round); of equal values the earliest round; None when empty."""
+    return max(scored, key=lambda t: (t[0], -t[1])) if scored else None
+
+
 def best_round(history: list[dict[str, Any]]) -> dict[str, Any]:
     """For each headline metric, the best evaluated value and its round."""
     out: dict[str, Any] = {}
     for key in HEADLINE:
-        scored = [(h[key], h["round"]) for h in history if isinstance(h.get(key), (int, float))]
-        if scored:
-            value, rnd = max(scored, key=lambda t: (t[0], -t[1]))
-            out[key] = {"value": value, "round": rnd}
+        best = best_of([(h[key], h["round"]) for h in history if isinstance(h.get(key), (int, float))])
+        if best:
+            out[key] = {"value": best[0], "round": best[1]}
     return out
 
 
