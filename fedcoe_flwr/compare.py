@@ -4,7 +4,8 @@
         --methods-file configs/methods/compare.yaml
 
 Each (method, seed) runs in its own process (``python -m fedcoe_flwr.simulate``)
-under ``results/<config>-<method>-s<seed>``; runs whose summary says ``finished``
+under ``results/<config>-<method>-s<seed>`` (``<config>-<key>=<value>-<method>-s<seed>`` with ``--set``
+overrides: another split is another comparison); runs whose summary says ``finished``
 are skipped, interrupted ones resume from their last checkpoint. Runs go seed by seed (every
 method at the first seed, then the next), so a comparison stopped early has whole seeds.
 ``--jobs N`` runs N at once (on a GPU machine: the runs are small beside the card), each
@@ -27,6 +28,10 @@ count as done, not in the estimate). The report:
 - with ``--kind calibration`` each method at its unadapted figures (published results used no
   label-free adaptation; the variants stay listed), its entry also at the file's top level
   (``{"fedavg": {"global": {"mean": ...}}, ...}``, as the calibration check reads it);
+- with ``--archive DIR``, each reported run's records (``RECORD_FILES``: no checkpoints, a few
+  tens of kB) copied to ``DIR/<run>/``: ``--report-only --results-dir DIR`` rebuilds the same
+  report from them alone, and copied into a results folder they count as finished runs, so a
+  comparison too long for one machine's life can be finished on another;
 - ``docs/RESULTS.md``, regenerated from every ``docs/results/*.json`` (plus the
   hand-written ``docs/results/<name>.md`` fragments): never edit it by hand.
   ``--regenerate-docs`` rebuilds it alone (after editing a fragment); ``--no-docs`` writes
@@ -41,6 +46,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -80,11 +86,21 @@ def run_dir(results_dir: Path, stem: str, label: str, seed: int) -> Path:
     return results_dir / f"{stem}-{label}-s{seed}"
 
 
+def comparison_stem(config: str, common: dict[str, Any]) -> str:
+    """The config's stem, and each ``--set`` override that changes what the runs compute: a
+    comparison on another split (``--set dirichlet_alpha=0.3``) gets its own run folders and its
+    own report (``<stem>-dirichlet_alpha_0.3``), and never replaces the config's own. Characters a
+    run name may not hold become '_'."""
+    changes = [re.sub(r"[^A-Za-z0-9_.-]", "_", f"{k}_{v}") for k, v in sorted(common.items())
+               if k not in BOOKKEEPING_KEYS]
+    return "-".join([Path(config).stem, *changes])
+
+
 def run_one(config: str, label: str, overrides: dict[str, Any], seed: int, results_dir: Path,
-            extra: list[str], log: Path | None = None) -> dict[str, Any]:
-    """One run in its own process; ``log``: where its output goes (None: this terminal)."""
-    stem = Path(config).stem
-    out = run_dir(results_dir, stem, label, seed)
+            extra: list[str], log: Path | None = None, stem: str | None = None) -> dict[str, Any]:
+    """One run in its own process; ``log``: where its output goes (None: this terminal);
+    ``stem``: the run folders' prefix (default: the config's stem)."""
+    out = run_dir(results_dir, stem or Path(config).stem, label, seed)
     summary_path = out / "summary.json"
     done = finished(out)
     if done:
@@ -141,6 +157,19 @@ def config_hash(config: str, overrides: dict[str, Any]) -> str:
     return "sha256:" + hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
 
 
+RECORD_FILES = ("summary.json", "metrics.jsonl", "rounds.jsonl")  # all a report reads of a run
+
+
+def archive_records(run: Path, archive: Path) -> Path:
+    """Copy a finished run's records to ``archive/<run name>/``; returns that folder."""
+    dst = archive / run.name
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in RECORD_FILES:
+        if (run / name).is_file():
+            atomic_write(dst / name, (run / name).read_bytes())
+    return dst
+
+
 def finished(out: Path) -> dict[str, Any] | None:
     """The summary of a finished run, or None."""
     path = out / "summary.json"
@@ -151,10 +180,10 @@ def finished(out: Path) -> dict[str, Any] | None:
     return None
 
 
-def default_name(config: str, methods_file: str | None) -> str:
-    """The JSON's name: the config's stem, and the methods file's when one is given, so that
-    rerunning a comparison replaces its own file."""
-    return Path(config).stem + (f"-{Path(methods_file).stem}" if methods_file else "")
+def default_name(stem: str, methods_file: str | None) -> str:
+    """The JSON's name: the comparison's stem (``comparison_stem``), and the methods file's when
+    one is given, so that rerunning a comparison replaces its own file."""
+    return stem + (f"-{Path(methods_file).stem}" if methods_file else "")
 
 
 # ------------------------------------------------------------ the command
@@ -285,7 +314,7 @@ def run_all(args: argparse.Namespace, methods: list[tuple[str, str, dict[str, An
         out_run, started = run_dir(results_dir, stem, label, seed), monotonic()
         earlier = finished(out_run) is not None
         log = results_dir / f"{out_run.name}.log" if args.jobs > 1 else None
-        run_one(args.config, label, overrides, seed, results_dir, extra, log)
+        run_one(args.config, label, overrides, seed, results_dir, extra, log, stem)
         print(progress.finished(out_run.name, None if earlier else monotonic() - started), flush=True)
 
     if args.jobs == 1:
@@ -315,10 +344,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="cores each run's simulation may use (default: every core); e.g. 1 on a shared machine")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at once, each in its own process and log (default 1: one after another)")
+    parser.add_argument("--archive", default=None, metavar="DIR",
+                        help="also copy each reported run's records (no checkpoints) to DIR/<run>/")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: the table and plot from the runs already finished")
     parser.add_argument("--name", default=None,
-                        help="the report's name: docs/results/<name>.json (default <config stem>[-<methods file stem>])")
+                        help="the report's name: docs/results/<name>.json (default <config stem>[-<key>=<value> "
+                             "per --set override][-<methods file stem>])")
     parser.add_argument("--kind", default="comparison", choices=list(KINDS),
                         help="the group of docs/RESULTS.md the report goes in")
     parser.add_argument("--title", default=None, help="its heading in docs/RESULTS.md (default: the name)")
@@ -339,8 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     common = parse_overrides(args.set)
     cfg = load_config(args.config, common)  # fail fast on a bad config
     results_dir = Path(args.results_dir).resolve()
-    stem = Path(args.config).stem
-    name = args.name or default_name(args.config, args.methods_file)
+    stem = comparison_stem(args.config, common)
+    name = args.name or default_name(stem, args.methods_file)
     out = Path(args.out or results_dir / f"compare-{name}")
     out.mkdir(parents=True, exist_ok=True)
     if args.methods_file:
@@ -360,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
                                                         adapted=args.kind != "calibration")}
         curves[label] = [read_jsonl(Path(s["run_dir"]) / "metrics.jsonl") for s in summaries]
         link_tensorboard(out, label, summaries)
+        if args.archive:
+            for summary in summaries:
+                archive_records(Path(summary["run_dir"]), Path(args.archive))
     doc = {"name": name, "kind": args.kind,
            "title": args.title or "", "config": args.config, "config_hash": config_hash(args.config, common),
            "overrides": args.set, "methods_file": args.methods_file, "rounds": cfg.num_rounds,

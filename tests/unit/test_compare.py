@@ -241,6 +241,24 @@ def test_report_writes_the_json_and_regenerates_results_md(tmp_path):
         main(["--regenerate-docs", "--docs-dir", str(docs), "--results-doc", str(doc_path)])
 
 
+def test_archived_records_rebuild_the_report_and_count_as_finished_runs(tmp_path):
+    results, archive = tmp_path / "results", tmp_path / "archive"
+    for seed in (0, 1):
+        finished_run(results, "fedavg", seed, {"global_accuracy": 0.4 + 0.02 * seed, "personalized_accuracy": 0.5,
+                                               "coldstart_accuracy": 0.3, "source": "global model"})
+    common = ["--config", COMPARE_CONFIG, "--seeds", "0", "1", "--methods", "fedavg", "--report-only"]
+    docs = [["--docs-dir", str(tmp_path / d), "--results-doc", str(tmp_path / d / "RESULTS.md")] for d in ("a", "b")]
+    assert main(common + ["--results-dir", str(results), "--archive", str(archive)] + docs[0]) == 0
+    runs = sorted(p.name for p in archive.iterdir())
+    assert runs == ["compare_cifar10_dir0.1-fedavg-s0", "compare_cifar10_dir0.1-fedavg-s1"]
+    assert sorted(p.name for p in (archive / runs[0]).iterdir()) == sorted(compare.RECORD_FILES)  # no checkpoints
+    shutil.rmtree(results)
+    assert main(common + ["--results-dir", str(archive)] + docs[1]) == 0
+    first, again = (json.loads((tmp_path / d / "compare_cifar10_dir0.1.json").read_text())["methods"] for d in "ab")
+    assert again == first and first["fedavg"]["global"]["mean"] == pytest.approx(41.0)
+    assert finished(archive / runs[1])["seed"] == 1  # copied into a results folder, a run that is not run again
+
+
 def test_progress_counts_skipped_runs_as_done_but_not_in_the_estimate():
     progress = Progress(4)
     assert progress.finished("a-s0", None) == \
@@ -258,7 +276,7 @@ def test_compare_prints_a_progress_line_per_run(tmp_path, monkeypatch, capsys):
                                         "coldstart_accuracy": 0.3, "source": "global model"})
     ran = []
 
-    def fake_run_one(config, label, overrides, seed, results_dir, extra, log):  # as run_one: finished runs reused
+    def fake_run_one(config, label, overrides, seed, results_dir, extra, log, stem=None):  # as run_one: finished runs reused
         assert log is None  # one run at a time prints to the terminal
         done = finished(run_dir(results_dir, Path(config).stem, label, seed))
         if done:
@@ -282,12 +300,43 @@ def test_compare_prints_a_progress_line_per_run(tmp_path, monkeypatch, capsys):
     assert ran == [("fedprox", 0), ("fedavg", 1), ("fedprox", 1)]  # seed by seed: whole seeds first
 
 
+def test_a_comparison_on_another_split_gets_its_own_runs_and_report(tmp_path, monkeypatch):
+    """``--set`` on a computing key renames the run folders and the report: the config's own
+    runs and JSON stay as they are (a where-to key such as data_root changes neither)."""
+    results, docs = tmp_path / "results", tmp_path / "docs"
+    finished_run(results, "fedavg", 0, {"global_accuracy": 0.4, "personalized_accuracy": 0.5,
+                                        "coldstart_accuracy": 0.3, "source": "global model"})
+    ran = []
+
+    def fake_run_one(config, label, overrides, seed, results_dir, extra, log, stem=None):
+        ran.append((stem, overrides["dirichlet_alpha"]))
+        out = run_dir(results_dir, stem, label, seed)
+        (out / "tb").mkdir(parents=True)
+        original = results_dir / f"{Path(config).stem}-{label}-s{seed}"
+        summary = json.loads((original / "summary.json").read_text())
+        summary["config"] = load_config(config, {**overrides, "seed": seed, "run_name": out.name}).to_dict()
+        for name in ("metrics.jsonl", "rounds.jsonl"):
+            (out / name).write_text((original / name).read_text())
+        (out / "summary.json").write_text(json.dumps(summary))
+        return {**summary, "run_dir": str(out)}
+
+    monkeypatch.setattr(compare, "run_one", fake_run_one)
+    assert main(["--config", COMPARE_CONFIG, "--seeds", "0", "--methods", "fedavg", "--results-dir", str(results),
+                 "--set", "dirichlet_alpha=0.3", "data_root=/elsewhere/cifar.tar.gz",
+                 "--docs-dir", str(docs), "--results-doc", str(tmp_path / "RESULTS.md")]) == 0
+    assert ran == [("compare_cifar10_dir0.1-dirichlet_alpha_0.3", 0.3)]
+    assert (results / "compare_cifar10_dir0.1-dirichlet_alpha_0.3-fedavg-s0" / "summary.json").is_file()
+    doc = json.loads((docs / "compare_cifar10_dir0.1-dirichlet_alpha_0.3.json").read_text())
+    assert doc["overrides"] == ["dirichlet_alpha=0.3", "data_root=/elsewhere/cifar.tar.gz"]
+    assert sorted(p.name for p in docs.glob("*.json")) == ["compare_cifar10_dir0.1-dirichlet_alpha_0.3.json"]
+
+
 def test_compare_jobs_runs_every_run_with_its_own_log_and_names_the_failed_one(tmp_path, monkeypatch, capsys):
     results = tmp_path / "results"
     stem = "compare_cifar10_dir0.1"
     logs = {}
 
-    def fake_run_one(config, label, overrides, seed, results_dir, extra, log):
+    def fake_run_one(config, label, overrides, seed, results_dir, extra, log, stem=None):
         logs[(label, seed)] = log
         if (label, seed) == ("fedprox", 1):
             raise SystemExit(f"[compare] {stem}-fedprox-s1 failed (exit 1); its output: {log}")
