@@ -106,7 +106,11 @@ def routing_diagnostics(rows: np.ndarray) -> dict[str, Any]:
             "correlation_spread": float(rows.std(0).mean())}
 
 
-def class_groups(cooccurrence: np.ndarray, num_experts: int, previous: np.ndarray | None = None) -> np.ndarray:
+GROUPS_SWITCH_MARGIN = 0.05  # a restart's map replaces the last round's only when 5% alike-er
+
+
+def class_groups(cooccurrence: np.ndarray, num_experts: int, previous: np.ndarray | None = None,
+                 restarts: int = 0) -> np.ndarray:
     """Each class's expert: the classes split into ``num_experts`` groups of sizes equal to within
     one, confusable classes together, so that the gate's decision (which group) is the easy one
     and each expert learns the fine distinctions within its group.
@@ -117,16 +121,39 @@ def class_groups(cooccurrence: np.ndarray, num_experts: int, previous: np.ndarra
     given, else from a greedy split (each group seeded with the class least like the others left,
     filled with its most alike), and swaps two classes, or moves one to a group one smaller, while
     that raises the within-group likeness: a class changes expert only when the clients'
-    predictions say so, and experts keep their classes from round to round."""
+    predictions say so, and experts keep their classes from round to round.
+
+    That search stops at a local optimum, which can hold on to a group the gate cannot tell apart
+    (e.g. the first round's map, drawn before the predictions meant anything). With ``restarts``
+    the same search also runs from the greedy split and ``restarts - 1`` random balanced splits;
+    the alike-est map replaces the last round's when it is more than ``GROUPS_SWITCH_MARGIN``
+    alike-er, its groups renumbered to keep each expert as many of its classes as they can."""
     joint = np.asarray(cooccurrence, dtype=np.float64)
-    num_classes = joint.shape[0]
     marginal = joint.sum(1)
     lift = (joint + joint.T) / 2 / np.maximum(np.outer(marginal, marginal), 1e-12)
     np.fill_diagonal(lift, 0.0)
-    if previous is not None and len(previous) == num_classes:
-        group = np.asarray(previous, dtype=np.int64).copy()
-    else:
-        group = _greedy_groups(lift, num_experts)
+    valid = previous is not None and len(previous) == len(lift)
+    kept = _climb(lift, num_experts, np.asarray(previous, dtype=np.int64) if valid
+                  else _greedy_groups(lift, num_experts))
+    if restarts < 1:
+        return kept
+    rng = np.random.default_rng(0)
+    starts = [_greedy_groups(lift, num_experts)] + [rng.permutation(_greedy_groups(lift, num_experts))
+                                                    for _ in range(restarts - 1)]
+    best = max((_climb(lift, num_experts, start) for start in starts), key=lambda g: _likeness(lift, g))
+    if _likeness(lift, best) <= _likeness(lift, kept) * (1 + GROUPS_SWITCH_MARGIN):
+        return kept
+    return _renumbered(best, kept, num_experts)
+
+
+def _likeness(lift: np.ndarray, group: np.ndarray) -> float:
+    """The search's objective: the lift summed over pairs of classes on one expert."""
+    return float(lift[group[:, None] == group[None, :]].sum())
+
+
+def _climb(lift: np.ndarray, num_experts: int, start: np.ndarray) -> np.ndarray:
+    num_classes = len(lift)
+    group = np.array(start, dtype=np.int64)
 
     def gain_of_move(c: int, g: int) -> float:
         return lift[c, group == g].sum() - lift[c, (group == group[c]) & (np.arange(num_classes) != c)].sum()
@@ -151,6 +178,20 @@ def class_groups(cooccurrence: np.ndarray, num_experts: int, previous: np.ndarra
         else:
             group[a], group[b] = group[b], group[a]
     return group
+
+
+def _renumbered(group: np.ndarray, previous: np.ndarray, num_experts: int) -> np.ndarray:
+    """``group`` with its groups renamed so that each expert keeps most of its classes of
+    ``previous`` (greedy on the overlap counts, largest first)."""
+    overlap = np.zeros((num_experts, num_experts), dtype=np.int64)
+    np.add.at(overlap, (group, previous), 1)
+    name = np.full(num_experts, -1)
+    taken = np.zeros(num_experts, dtype=bool)
+    for flat in np.argsort(-overlap, axis=None, kind="stable"):
+        g, k = divmod(int(flat), num_experts)
+        if name[g] < 0 and not taken[k]:
+            name[g], taken[k] = k, True
+    return name[group]
 
 
 def _greedy_groups(lift: np.ndarray, num_experts: int) -> np.ndarray:

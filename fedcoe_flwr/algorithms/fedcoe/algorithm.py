@@ -33,7 +33,7 @@ from ..specialisation import KEYS as SPECIALISATION_KEYS
 from ..specialisation import plot_specialisation, specialisation
 from .coldstart import NewClientModel, adapt_new_client, coldstart_evaluate, pool_model
 from .model import (CLASS_COOCCURRENCE, CLASS_MARGINAL, CORRELATION, GATE, TRAIN_PRIOR, TRUNK, FedCoEModel, build_client_model,
-                    build_gate, expert_prefix, network_part)
+                    build_gate, expert_prefix, network_part, trunk_part)
 from .params import FedCoEParams, experts_per_client
 from .plots import plot_correlation
 from ..adaptation import as_prior, prior_correct
@@ -47,7 +47,7 @@ def local_loss(model: FedCoEModel, x: torch.Tensor, y: torch.Tensor, start: Mapp
     term of the shared parts to where they started and, with ``assignment_weight``, the gate's
     routing target: the client's ``assigned`` expert, or each image's (``routing_targets``;
     ``class_expert``: the server's class -> expert map of ``class_groups``)."""
-    p, mix, local = model.parts(x)
+    p, mix, local, gate = model.parts(x)
     loss = nll_of_probs(p, y)
     if model.local is not None and cfg.aux_weight > 0:
         loss = loss + cfg.aux_weight * nll_of_probs(mix, y)  # keeps the pool trained
@@ -59,10 +59,10 @@ def local_loss(model: FedCoEModel, x: torch.Tensor, y: torch.Tensor, start: Mapp
         shared = model.shared_modules()
         loss = loss + cfg.prox_mu / 2 * proximal_term(shared, module_anchors(model, shared, start))
     if assigned is not None:  # route this client's images to its assigned expert
-        loss = loss + cfg.assignment_weight * nll_of_probs(model.gate_probs(x), torch.full_like(y, assigned))
+        loss = loss + cfg.assignment_weight * nll_of_probs(gate, torch.full_like(y, assigned))
     elif cfg.assignment_weight > 0 and cfg.assignment_level != "client":  # a target per image
         targets = routing_targets(model, x, y, cfg.assignment_level, class_expert)
-        loss = loss + cfg.assignment_weight * nll_of_probs(model.gate_probs(x), targets)
+        loss = loss + cfg.assignment_weight * nll_of_probs(gate, targets)
     return loss, {}
 
 
@@ -79,7 +79,7 @@ class FedCoE(Algorithm):
         part = "head" if cfg.shared_trunk else "all"
         if cfg.shared_trunk:
             trunk = seeded_init(lambda: build_expert(cfg, num_classes), cfg.seed * 1000)
-            arrays.update(prefixed(TRUNK, network_part(trunk, "trunk")))
+            arrays.update(prefixed(TRUNK, network_part(trunk, trunk_part(cfg))))
         for k in range(cfg.num_experts):
             # independent initialisations: the experts must be able to diverge
             expert = seeded_init(lambda: build_expert(cfg, num_classes), cfg.seed * 1000 + k + 1)
@@ -163,7 +163,8 @@ class FedCoE(Algorithm):
         extra = {"correlation": correlation, "correlation_known": known, "train_prior": train_prior}
         if uses_class_groups(cfg):
             joint = sum(w * r.arrays[CLASS_COOCCURRENCE].double().numpy() for w, r in zip(n, replies)) / sum(n)
-            extra["class_expert"] = class_groups(joint, cfg.num_experts, state.extra.get("class_expert"))
+            extra["class_expert"] = class_groups(joint, cfg.num_experts, state.extra.get("class_expert"),
+                                                 cfg.class_groups_restarts)
         return ServerState(arrays, extra), diagnostics
 
     def add_client(self, state: ServerState, client_index: int, cfg: ExperimentConfig) -> ServerState:
@@ -251,6 +252,9 @@ class FedCoE(Algorithm):
         model = build_client_model(cfg, num_classes, step.arrays, ids, private, device, private_seed=step.seed)
         if model.prior_correction:
             model.set_local_prior(data.train_y, num_classes)
+        received = None  # the pool's confusions, before local training moves the mixture
+        if uses_class_groups(cfg) and cfg.class_groups_from == "received":
+            received = cooccurrence(predicted_mixture(model, data.train_x, cfg, device))
 
         def finish(model: FedCoEModel, trained: Trained) -> tuple[Arrays, Arrays | None, dict[str, Any]]:
             model.eval()
@@ -259,10 +263,10 @@ class FedCoE(Algorithm):
             upload[CORRELATION] = row.float()
             # mean predicted class probabilities of the global mixture (no labels): the server's
             # sample-weighted mean is the training prior the cold-start EM correction needs
-            probs = predict_probs(lambda x: model.mixture(x)[0], data.train_x, cfg, device)
+            probs = predicted_mixture(model, data.train_x, cfg, device)
             upload[CLASS_MARGINAL] = probs.mean(0).float()
             if uses_class_groups(cfg):
-                upload[CLASS_COOCCURRENCE] = (probs.T @ probs / len(probs)).float()
+                upload[CLASS_COOCCURRENCE] = cooccurrence(probs) if received is None else received
             return upload, (model.private_state() or None), {"num_samples": data.num_train,
                                                              "train_loss": trained.mean_loss}
 
@@ -291,6 +295,21 @@ class FedCoE(Algorithm):
     def client_coldstart(self, step: ClientStep) -> dict[str, Any]:
         arrays, data, cfg, num_classes, device = step.arrays, step.data, step.cfg, step.num_classes, step.device
         return coldstart_evaluate(arrays, data, cfg, num_classes, device, prior_of(step.config))
+
+
+@torch.no_grad()
+def predicted_mixture(model: FedCoEModel, x: torch.Tensor, cfg: ExperimentConfig, device: torch.device) -> torch.Tensor:
+    """The global mixture's class probabilities on ``x`` (eval mode; the model is left as it was)."""
+    was_training = model.training
+    model.eval()
+    probs = predict_probs(lambda b: model.mixture(b)[0], x, cfg, device)
+    model.train(was_training)
+    return probs
+
+
+def cooccurrence(probs: torch.Tensor) -> torch.Tensor:
+    """E[p p^T] over the images: which classes the predictions confuse (no labels; C x C)."""
+    return (probs.T @ probs / max(len(probs), 1)).float()
 
 
 @torch.no_grad()

@@ -4,7 +4,7 @@ split its state into what is uploaded and what never leaves the client."""
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,11 @@ def network_part(net: nn.Module, part: str) -> Arrays:
     return {k: v for k, v in state.items() if k.startswith(net.trunk_prefixes) == (part == "trunk")}
 
 
+def trunk_part(cfg: ExperimentConfig) -> str:
+    """What of the trunk network is shared: its trunk, and its head too when that is the shared expert."""
+    return "all" if cfg.shared_expert_weight > 0 else "trunk"
+
+
 def load_network_part(net: nn.Module, arrays: Mapping[str, torch.Tensor], part: str) -> None:
     missing, unexpected = net.load_state_dict(dict(arrays), strict=False)
     wanted = set(network_part(net, part))
@@ -55,6 +60,14 @@ def build_gate(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
     return GateNet(cfg.num_experts, cfg.gate_width)
 
 
+class Parts(NamedTuple):
+    """One forward pass of a client's model, every piece the local loss needs."""
+    personal: torch.Tensor  # p_i: the personalised prediction
+    mixture: torch.Tensor  # y: the global mixture
+    local: torch.Tensor | None  # the local part's own class probabilities
+    gate: torch.Tensor  # the gate's routing probabilities over the whole pool
+
+
 class FedCoEModel(nn.Module):
     """The client's view: shared gate, its expert set, and (optionally) private parts."""
 
@@ -67,6 +80,8 @@ class FedCoEModel(nn.Module):
         # with a shared trunk, only the trunk part of ``trunk`` and the head parts of the experts are used
         self.trunk = build_expert(cfg, num_classes) if cfg.shared_trunk else None
         self.expert_part = "head" if cfg.shared_trunk else "all"
+        self.trunk_part = trunk_part(cfg)
+        self.shared_expert_weight = cfg.shared_expert_weight
         self.expert = nn.ModuleDict({str(k): build_expert(cfg, num_classes) for k in expert_ids})
         dim = next(iter(self.expert.values())).feature_dim
         self.local: nn.Module | None = None
@@ -93,13 +108,14 @@ class FedCoEModel(nn.Module):
             x = self.trunk.trunk(x) if h is None else h
         return F.softmax(self.gate(x) / self.gate_temperature, dim=1)
 
-    def mixture(self, x: torch.Tensor, per_sample_top: int | None = None, h: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def mixture(self, x: torch.Tensor, per_sample_top: int | None = None, h: torch.Tensor | None = None,
+                gate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """y(x) over the expert set (renormalised gate), and the gate-mixed features.
-        ``h``: the shared trunk's output for x, when the caller has it already."""
+        ``h``, ``gate``: the shared trunk's output and the gate's probabilities for x, when the
+        caller has them already."""
         if h is None and self.trunk is not None:
             h = self.trunk.trunk(x)
-        weights = self.gate_probs(x, h)[:, self.expert_ids]
+        weights = (self.gate_probs(x, h) if gate is None else gate)[:, self.expert_ids]
         if per_sample_top is not None and per_sample_top < len(self.expert_ids):
             top = weights.topk(per_sample_top, dim=1)
             weights = torch.zeros_like(weights).scatter(1, top.indices, top.values)
@@ -111,20 +127,25 @@ class FedCoEModel(nn.Module):
             w = weights[:, j:j + 1]
             probs = probs + w * F.softmax(expert.classifier(f), dim=1)
             feats = feats + w * f
+        if self.shared_expert_weight > 0:
+            f, w = self.trunk.head_features(h), self.shared_expert_weight
+            probs = (1 - w) * probs + w * F.softmax(self.trunk.classifier(f), dim=1)
+            feats = (1 - w) * feats + w * f
         return probs, feats  # type: ignore[return-value]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (p_i: the personalised prediction, y: the global mixture)."""
-        p, y, _ = self.parts(x)
-        return p, y
+        parts = self.parts(x)
+        return parts.personal, parts.mixture
 
-    def parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """-> (p_i, y, the local part's own class probabilities or None)."""
+    def parts(self, x: torch.Tensor) -> Parts:
+        """Every output of one pass, the trunk and the gate computed once."""
         h = self.trunk.trunk(x) if self.trunk is not None else None
-        y, feats = self.mixture(x, h=h)
+        gate = self.gate_probs(x, h)
+        y, feats = self.mixture(x, h=h, gate=gate)
         mine = prior_correct(y, self.local_prior, self.train_prior) if self.prior_correction else y
         if self.local is None:
-            return mine, y, None
+            return Parts(mine, y, None, gate)
         if self.local_kind == "head":
             local_logits = self.local(feats)
         elif self.local_kind == "expert_head":
@@ -133,7 +154,7 @@ class FedCoEModel(nn.Module):
             local_logits = self.local(x)
         beta = torch.sigmoid(self.local_gate(feats)) if self.local_gate is not None else 0.5
         local = F.softmax(local_logits, dim=1)
-        return (1 - beta) * mine + beta * local, y, local
+        return Parts((1 - beta) * mine + beta * local, y, local, gate)
 
     def expert_alone(self, k: int) -> "callable":
         """x -> class probabilities of expert k on its own (diagnostics)."""
@@ -152,7 +173,7 @@ class FedCoEModel(nn.Module):
         if self.prior_correction and TRAIN_PRIOR in arrays:
             self.train_prior.copy_(as_prior(arrays[TRAIN_PRIOR]))
         if self.trunk is not None:
-            load_network_part(self.trunk, unprefixed(TRUNK, arrays), "trunk")
+            load_network_part(self.trunk, unprefixed(TRUNK, arrays), self.trunk_part)
         for k in self.expert_ids:
             load_network_part(self.expert[str(k)], unprefixed(expert_prefix(k), arrays), self.expert_part)
 
@@ -164,7 +185,7 @@ class FedCoEModel(nn.Module):
     def shared_state(self) -> Arrays:
         out = prefixed(GATE, state_of(self.gate))
         if self.trunk is not None:
-            out.update(prefixed(TRUNK, network_part(self.trunk, "trunk")))
+            out.update(prefixed(TRUNK, network_part(self.trunk, self.trunk_part)))
         for k in self.expert_ids:
             out.update(prefixed(expert_prefix(k), network_part(self.expert[str(k)], self.expert_part)))
         return out

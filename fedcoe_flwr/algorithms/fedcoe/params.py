@@ -10,6 +10,7 @@ LOCAL_PARTS = ("head", "expert_head", "expert", "none")
 ASSIGNMENT_LEVELS = ("client", "sample", "class", "label_split", "class_groups")
 GATE_INPUTS = ("image", "trunk", "trunk_flat")
 COLDSTART_PRIORS = ("predicted", "uniform")
+CLASS_GROUPS_SOURCES = ("trained", "received")
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,10 @@ class FedCoEParams(Section):
     # it flattened ("trunk_flat": one hidden layer of 8 x gate_width, like an expert's head) or the image
     gate_input: str = "trunk"
     gate_width: int = 16
+    # an always-on shared expert beside the K routed ones (DeepSeekMoE's shared expert): the shared
+    # trunk's own head, averaged like the trunk, mixed into every prediction with this weight, so
+    # that routed experts may specialise without the mixture losing a dense path (0: off)
+    shared_expert_weight: float = 0.0
     gate_temperature: float = 1.0  # softmax temperature of the shared gate (< 1: sharper routing)
     # IFCA-style client-level assignment (Ghosh et al. 2020): the gate is also trained to send the
     # client's images to the expert of its set with the lowest loss on them, with this weight (0: off)
@@ -32,6 +37,13 @@ class FedCoEParams(Section):
     # expert c mod K; "class_groups": confusable classes to one expert, the groups chosen at each
     # aggregation from the clients' label-free prediction co-occurrence (algorithm.routing_targets)
     assignment_level: str = "client"
+    # "class_groups": the mixture whose predicted-class co-occurrence on the client's images groups
+    # the classes: after local training ("trained": at label skew it mostly tells which classes
+    # share a client) or as the client received it ("received": the pool's own confusions)
+    class_groups_from: str = "trained"
+    # "class_groups": restarts of the grouping search besides the last round's map, which alone can
+    # stay at a local optimum (aggregation.class_groups; 0: the last round's map only)
+    class_groups_restarts: int = 0
     local_loss_weight: float = 1.0  # cross-entropy of the local part alone, added to the client's loss
     local_prior_correction: bool = True  # the client's model re-weights the pool by its own label prior
     global_balanced: bool = True  # the global model divides out the federation's predicted training prior
@@ -47,17 +59,23 @@ class FedCoEParams(Section):
     adaptation_keys = ("coldstart_adabn", "coldstart_em", "coldstart_top_m", "coldstart_prior")
 
     def check(self, cfg: ExperimentConfig) -> None:
-        require(self, ge0=("top_m", "aux_weight", "prox_mu", "local_loss_weight", "assignment_weight"),
+        require(self, ge0=("top_m", "aux_weight", "prox_mu", "local_loss_weight", "assignment_weight",
+                           "class_groups_restarts"),
                 ge1=("gate_width",),
                 gt0=("gate_temperature",),
                 choices={"local_part": LOCAL_PARTS, "gate_input": GATE_INPUTS, "coldstart_prior": COLDSTART_PRIORS,
-                         "assignment_level": ASSIGNMENT_LEVELS})
+                         "assignment_level": ASSIGNMENT_LEVELS, "class_groups_from": CLASS_GROUPS_SOURCES})
         if self.local_part == "expert_head" and not self.shared_trunk:
             raise bad_value("local_part", self.local_part,
                             "'expert_head' sits on the shared trunk: set shared_trunk=true (or use 'head')")
         if self.gate_input.startswith("trunk") and not self.shared_trunk:
             raise bad_value("gate_input", self.gate_input,
                             "'trunk' routes on the shared trunk's features: set shared_trunk=true (or use 'image')")
+        if not 0 <= self.shared_expert_weight < 1:
+            raise bad_value("shared_expert_weight", self.shared_expert_weight, "must be in [0, 1)")
+        if self.shared_expert_weight > 0 and not self.shared_trunk:
+            raise bad_value("shared_expert_weight", self.shared_expert_weight,
+                            "the shared expert is the shared trunk's head: set shared_trunk=true")
         if self.top_m > cfg.network.num_experts:
             raise bad_value("top_m", self.top_m, f"must be <= num_experts ({cfg.network.num_experts}); 0 means all")
         if not 0 <= self.correlation_smoothing <= 1:

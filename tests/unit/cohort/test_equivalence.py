@@ -43,6 +43,9 @@ CASES = {
     "fedcoe-class-assignment": ("fedcoe", {"assignment_weight": 0.5, "assignment_level": "class"}),
     "fedcoe-label-split": ("fedcoe", {"assignment_weight": 0.5, "assignment_level": "label_split"}),
     "fedcoe-class-groups": ("fedcoe", {"assignment_weight": 0.5, "assignment_level": "class_groups"}),
+    "fedcoe-shared-expert": ("fedcoe", {"assignment_weight": 0.5, "assignment_level": "class_groups",
+                                        "shared_expert_weight": 0.5, "class_groups_from": "received",
+                                        "class_groups_restarts": 4}),
     "fedavg-resnet-batchnorm-augment": ("fedavg", {**RESNET, "augment": True}),
 }
 

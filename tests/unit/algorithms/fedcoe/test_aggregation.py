@@ -8,7 +8,8 @@ import pytest
 import torch
 from harness import assert_same, clone
 
-from fedcoe_flwr.algorithms.fedcoe.aggregation import (aggregate_expert, aggregate_pool, cap_shares, class_groups, expert_set,
+from fedcoe_flwr.algorithms.fedcoe.aggregation import (GROUPS_SWITCH_MARGIN, _likeness, _renumbered, aggregate_expert,
+                                                       aggregate_pool, cap_shares, class_groups, expert_set,
                                                        expert_weights, routing_diagnostics)
 
 
@@ -219,6 +220,46 @@ def test_class_groups_start_from_the_previous_map_and_change_it_only_where_the_p
     assert class_groups(joint, 4, one_off).tolist() == best.tolist()
     # nothing alike: any balanced map is as good, so the previous one stays
     assert class_groups(np.full((10, 10), 0.01), 4, one_off).tolist() == one_off.tolist()
+
+
+def colocated_cooccurrence(seed: int) -> np.ndarray:
+    """E[p p^T] of predictions that stay on the two classes of each of 20 clients: likeness with
+    no structure but the partition's, where the search has local optima."""
+    rng = np.random.default_rng(seed)
+    probs = []
+    for _ in range(20):
+        classes = rng.choice(10, size=2, replace=False)
+        for _ in range(50):
+            p = np.full(10, 0.02)
+            p[classes] += rng.dirichlet([1, 1])
+            probs.append(p / p.sum())
+    probs = np.array(probs)
+    return probs.T @ probs / len(probs)
+
+
+def test_class_groups_restarts_leave_a_local_optimum_and_keep_the_experts_classes_where_they_can():
+    joint = colocated_cooccurrence(10)
+    marginal = joint.sum(1)
+    lift = joint / np.outer(marginal, marginal)
+    np.fill_diagonal(lift, 0.0)
+    previous = np.arange(10) % 4
+    stuck = class_groups(joint, 4, previous)
+    assert class_groups(joint, 4, stuck).tolist() == stuck.tolist()  # a local optimum: the search stays
+    moved = class_groups(joint, 4, stuck, restarts=8)
+    assert _likeness(lift, moved) > _likeness(lift, stuck) * (1 + GROUPS_SWITCH_MARGIN)
+    assert sorted(np.bincount(moved, minlength=4)) == [2, 2, 3, 3]
+    # the groups keep the expert they share most classes with: no renaming makes more classes stay
+    import itertools
+    kept = int((moved == stuck).sum())
+    assert kept == max(int((np.array(perm)[moved] == stuck).sum()) for perm in itertools.permutations(range(4)))
+    # and a map restarts cannot beat by the margin stays as it is
+    assert class_groups(joint, 4, moved, restarts=8).tolist() == moved.tolist()
+
+
+def test_renumbering_a_relabelled_map_gives_the_previous_map_back():
+    previous = np.array([0, 0, 0, 1, 1, 1, 2, 2, 3, 3])
+    relabelled = np.array([2, 3, 0, 1])[previous]
+    assert _renumbered(relabelled, previous, 4).tolist() == previous.tolist()
 
 
 def test_class_groups_stay_balanced_when_nothing_is_alike():

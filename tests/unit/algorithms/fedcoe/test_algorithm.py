@@ -399,3 +399,27 @@ def test_default_design_round_trip(tmp_path, cpu):
         for probs in (algo.global_predict(new, cfg, 4, cpu)(x),
                       algo.client_predict(ClientStep(arrays=algo.eval_payload(new, cfg, 0)[0], config=config, private=private, cfg=cfg, num_classes=4, device=cpu, data=None))(x)):
             assert probs.shape == (5, 4) and torch.allclose(probs.sum(1), torch.ones(5), atol=1e-5)
+
+
+def test_class_groups_from_received_uploads_the_received_pools_confusions(make_cfg, cpu):
+    """``class_groups_from``: the co-occurrence the client uploads is the received mixture's
+    ("received") or the locally trained one's ("trained"), on the client's own images."""
+    from fedcoe_flwr.algorithms.fedcoe.algorithm import cooccurrence, predicted_mixture
+    from fedcoe_flwr.algorithms.fedcoe.model import CLASS_COOCCURRENCE, FedCoEModel
+
+    uploads = {}
+    for source in ("received", "trained"):
+        cfg = make_cfg(num_experts=3, assignment_weight=1.0, assignment_level="class_groups", class_groups_from=source)
+        algo = FedCoE()
+        payload, config = algo.train_payload(algo.init_state(cfg, 4), cfg, 0, 1)
+        data = load_client_data(cfg, 0)
+        upload, _, _ = algo.client_train(ClientStep(arrays=payload, config=config, private=None, data=data, cfg=cfg,
+                                                    num_classes=4, device=cpu, seed=7))
+        uploads[source] = upload[CLASS_COOCCURRENCE]
+        received = FedCoEModel(cfg, 4, [int(k) for k in config["expert_ids"]], with_private=False)
+        received.load_shared(payload)
+        expected = cooccurrence(predicted_mixture(received, data.train_x, cfg, cpu))
+        assert uploads[source].shape == (4, 4)
+        assert torch.allclose(uploads[source], expected, atol=1e-6) == (source == "received"), source
+    # training moved the mixture: the two sources differ
+    assert not torch.allclose(uploads["received"], uploads["trained"], atol=1e-4)

@@ -45,3 +45,40 @@ def test_gate_temperature_sharpens_routing(make_cfg):
             probs.append(model.gate_probs(x))
     torch.testing.assert_close(probs[1], torch.softmax(torch.log(probs[0]) / 0.25, 1), rtol=1e-4, atol=1e-6)
     assert probs[1].max(1).values.mean() > probs[0].max(1).values.mean()
+
+
+def test_local_loss_runs_the_gate_once_and_routes_with_the_mixtures_gate(make_cfg):
+    """The gate's routing target is scored on the gate probabilities the mixture used: one gate
+    pass per step, the same values as ``gate_probs``."""
+    from fedcoe_flwr.algorithms.fedcoe.algorithm import local_loss
+    from fedcoe_flwr.algorithms.training import state_of
+
+    cfg = make_cfg(num_experts=3, norm="group", assignment_weight=1.0, assignment_level="class_groups")
+    model = FedCoEModel(cfg, 4, [0, 1, 2])
+    x, y = torch.randn(6, 3, 16, 16), torch.tensor([0, 1, 2, 3, 0, 1])
+    calls = []
+    model.gate.register_forward_hook(lambda *_: calls.append(1))
+    parts = model.parts(x)
+    torch.testing.assert_close(parts.gate, model.gate_probs(x))
+    calls.clear()
+    local_loss(model, x, y, state_of(model), cfg=cfg, class_expert=(0, 1, 2, 0))
+    assert len(calls) == 1
+
+
+def test_shared_expert_is_the_trunks_head_shared_and_mixed_in_with_its_weight(make_cfg):
+    """``shared_expert_weight``: the trunk network's own head is uploaded with the trunk, and
+    every prediction is (1 - w) x the routed mixture + w x that head's."""
+    from fedcoe_flwr.algorithms.fedcoe.model import TRUNK
+
+    cfg = make_cfg(num_experts=3, norm="group", shared_trunk=True)
+    shared = FedCoEModel(cfg.replace(shared_expert_weight=0.25), 4, [0, 1, 2], with_private=False)
+    plain = FedCoEModel(cfg, 4, [0, 1, 2], with_private=False)
+    head_keys = {k for k in shared.shared_state() if k.startswith(TRUNK + "classifier.")}
+    assert head_keys and not {k for k in plain.shared_state() if k.startswith(TRUNK + "classifier.")}
+    plain.load_state_dict(shared.state_dict())
+    x = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        own = torch.softmax(shared.trunk.classifier(shared.trunk.head_features(shared.trunk.trunk(x))), 1)
+        torch.testing.assert_close(shared.mixture(x)[0], 0.75 * plain.mixture(x)[0] + 0.25 * own)
+    state = FedCoE().init_state(cfg.replace(shared_expert_weight=0.25), 4)
+    assert head_keys <= set(state.arrays)  # the server starts it and averages it like the trunk
