@@ -56,12 +56,13 @@ def onboard_certs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def onboard_deployment(tmp_path_factory, onboard_certs):
     """One deployment for every check: 3 SuperNodes (2 training + 1 cold-start site) train; when
-    round 2 starts a 4th SuperNode (a new site) joins and is onboarded, then trains in round 3
+    round 2 starts a 4th SuperNode (a new site) joins and is onboarded before round 3 (one
+    evaluation, after the last round: an evaluation is three exchanges), then trains in round 3
     (coldstart_join_training). Then every SuperNode is stopped and a serving-mode run onboards
     a 5th new site from the finished run's checkpoint, with no training client present."""
     tmp = tmp_path_factory.mktemp("onboard")
     dep = LocalDeployment(tmp / "onb", num_nodes=3, tls=True, config="configs/smoke.yaml",
-                          overrides={"num_rounds": 3, "round_timeout": 300.0, "wait_for_nodes": 120.0,
+                          overrides={"num_rounds": 3, "eval_every": 3, "round_timeout": 300.0, "wait_for_nodes": 120.0,
                                      "min_reply_fraction": 0.5, "run_name": "onb", "coldstart_join_training": True,
                                      "results_dir": str(tmp / "results")},
                           certs=onboard_certs, echo=lambda line: None)
@@ -76,8 +77,8 @@ def onboard_deployment(tmp_path_factory, onboard_certs):
         dep.register_all()
         dep.start_supernodes()
         dep.start_run()
-        # round 1 evaluated: round 2 is starting
-        dep.wait_until(lambda: len(metrics_lines(dep.results_dir)) >= 1, "round 1's evaluation", 400)
+        # round 1 aggregated: round 2 (training, then its evaluation) is starting
+        dep.wait_until(lambda: len(round_lines(dep.results_dir)) >= 1, "round 1's aggregation", 400)
         t0 = time.time()
         out["late"] = dep.add_site(site_a, name="new-site-a")
         out["timings"]["late_online_s"] = time.time() - t0
@@ -122,7 +123,7 @@ def test_onboard_late_joiner_gets_cold_start_model_with_the_offline_accuracy(onb
     rounds = round_lines(dep.results_dir)
     assert [r["replies"] for r in rounds] == [2, 2, 3], rounds
     assert entry["joined_as_client"] == 3
-    assert [l["round"] for l in metrics_lines(dep.results_dir)] == [1, 2, 3]
+    assert [l["round"] for l in metrics_lines(dep.results_dir)] == [3]
     assert dep.onboarded_model(o["late"]).is_file()
     dep.report(o["train_rc"], {"onboard_entries": o["registry"], "onboard_timings": o["timings"]})
 

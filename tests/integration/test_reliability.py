@@ -37,24 +37,25 @@ def simulate(tmp_path: Path, client_app=None, **overrides) -> Path:
 
 
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
-    """FedAvg has no client-private state, so a run killed after round 2 and resumed
+    """FedAvg has no client-private state, so a run killed after round 1 and resumed
     must end with exactly the state of a run that was never interrupted."""
-    common = dict(algorithm="fedavg", num_rounds=3, eval_every=3)
+    common = dict(algorithm="fedavg", num_rounds=2, eval_every=2)
     full = simulate(tmp_path / "full", **common)
-    # "killed" after round 2: a run that stopped there, then the same run resumed
-    simulate(tmp_path / "resumed", **{**common, "num_rounds": 2})
+    # "killed" after round 1: a run that stopped there, then the same run resumed
+    simulate(tmp_path / "resumed", **{**common, "num_rounds": 1})
     resumed = simulate(tmp_path / "resumed", **{**common, "resume": True})
     a = torch.load(full / "final_state.pt", weights_only=False)
     b = torch.load(resumed / "final_state.pt", weights_only=False)
-    assert a["round"] == b["round"] == 3
+    assert a["round"] == b["round"] == 2
     for key, value in a["arrays"].items():
         assert torch.allclose(value.float(), b["arrays"][key].float(), atol=1e-6), key
     rounds = [json.loads(l)["round"] for l in (resumed / "rounds.jsonl").read_text().splitlines()]
-    assert rounds == [1, 2, 3]  # no round repeated or skipped
+    assert rounds == [1, 2]  # no round repeated or skipped
 
 
-def failing_client_app(kind: str) -> ClientApp:
-    """The real ClientApp, except that partition 1 misbehaves in round 2."""
+def failing_client_app() -> ClientApp:
+    """The real ClientApp, except that in round 2 partition 1 raises and partition 2 replies with
+    a NaN in its update."""
     app = ClientApp()
 
     @app.query("profile")
@@ -64,9 +65,10 @@ def failing_client_app(kind: str) -> ClientApp:
     @app.train()
     def train(msg, context):
         reply = client.handle_train(msg, context)
-        if int(context.node_config["partition-id"]) == 1 and msg.content["config"]["server_round"] == 2:
-            if kind == "raise":
-                raise RuntimeError("injected failure")
+        partition = int(context.node_config["partition-id"])
+        if msg.content["config"]["server_round"] == 2 and partition == 1:
+            raise RuntimeError("injected failure")
+        if msg.content["config"]["server_round"] == 2 and partition == 2:
             arrays = reply.content.array_records[ARRAYS]
             key = next(iter(arrays))
             t = arrays[key].numpy().copy()
@@ -90,16 +92,13 @@ def failing_client_app(kind: str) -> ClientApp:
     return app
 
 
-@pytest.mark.parametrize("kind", ["raise", "nan"])
-def test_reject_failing_or_nan_client_round_still_completes(tmp_path, kind):
-    out = simulate(tmp_path, client_app=failing_client_app(kind))
+def test_failing_and_nan_clients_are_left_out_and_the_round_completes(tmp_path):
+    """One run for both faults (a simulation's start-up is most of its time)."""
+    out = simulate(tmp_path, client_app=failing_client_app())
     rounds = [json.loads(l) for l in (out / "rounds.jsonl").read_text().splitlines()]
     assert rounds[0]["replies"] == 4 and rounds[0]["failed"] == [] and rounds[0]["rejected"] == []
-    if kind == "raise":
-        assert rounds[1]["failed"] == [1]
-    else:
-        assert rounds[1]["rejected"] == [1]
-    assert rounds[1]["replies"] == 3
+    assert rounds[1]["failed"] == [1] and rounds[1]["rejected"] == [2]
+    assert rounds[1]["replies"] == 2
     assert json.loads((out / "summary.json").read_text())["status"] == "finished"
     state = torch.load(out / "final_state.pt", weights_only=False)
     assert all(torch.isfinite(v).all() for v in state["arrays"].values() if v.is_floating_point())
