@@ -237,23 +237,50 @@ def colocated_cooccurrence(seed: int) -> np.ndarray:
     return probs.T @ probs / len(probs)
 
 
+def decoy_cooccurrence(cluster_lift: float = 1.4, decoy_lift: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """E[p p^T] (uniform marginals) where the classes of four clusters are alike, and the classes
+    of a ``decoy`` map, one class of each cluster per group, a little less alike: every swap or
+    move from the decoy loses more than it gains, so the search from it stays there, at 1/1.4 of
+    the clusters' likeness. -> (joint, clusters, decoy)."""
+    clusters = np.array([0, 0, 0, 1, 1, 1, 2, 2, 3, 3])
+    decoy = np.array([0, 1, 2, 0, 1, 3, 0, 2, 1, 3])
+    off = sum(w * ((g[:, None] == g[None, :]) & ~np.eye(10, dtype=bool))
+              for w, g in ((cluster_lift, clusters), (decoy_lift, decoy)))
+    joint = off.astype(np.float64)
+    np.fill_diagonal(joint, 10 - off.sum(1))
+    return joint / joint.sum(), clusters, decoy
+
+
 def test_class_groups_restarts_leave_a_local_optimum_and_keep_the_experts_classes_where_they_can():
+    joint, clusters, decoy = decoy_cooccurrence()
+    lift = joint / np.outer(joint.sum(1), joint.sum(1))
+    np.fill_diagonal(lift, 0.0)
+    assert class_groups(joint, 4, decoy).tolist() == decoy.tolist()  # a local optimum: the search stays
+    moved = class_groups(joint, 4, decoy, restarts=8)
+    assert _likeness(lift, moved) > _likeness(lift, decoy) * (1 + GROUPS_SWITCH_MARGIN)
+    assert len(set(zip(moved.tolist(), clusters.tolist()))) == 4  # the clusters, one per expert
+    # the groups keep the expert they share most classes with: no renaming makes more classes stay
+    import itertools
+    kept = int((moved == decoy).sum())
+    assert kept == max(int((np.array(perm)[moved] == decoy).sum()) for perm in itertools.permutations(range(4)))
+    assert class_groups(joint, 4, moved, restarts=8).tolist() == moved.tolist()
+
+
+def test_class_groups_restarts_keep_a_map_only_a_little_less_alike(monkeypatch):
+    """Noisy early confusions give maps a few % apart: switching would move classes between experts
+    every round. Here the restarts find a map about 10% alike-er, under the margin."""
+    from fedcoe_flwr.algorithms.fedcoe import aggregation
+
     joint = colocated_cooccurrence(10)
     marginal = joint.sum(1)
     lift = joint / np.outer(marginal, marginal)
     np.fill_diagonal(lift, 0.0)
-    previous = np.arange(10) % 4
-    stuck = class_groups(joint, 4, previous)
-    assert class_groups(joint, 4, stuck).tolist() == stuck.tolist()  # a local optimum: the search stays
-    moved = class_groups(joint, 4, stuck, restarts=8)
-    assert _likeness(lift, moved) > _likeness(lift, stuck) * (1 + GROUPS_SWITCH_MARGIN)
-    assert sorted(np.bincount(moved, minlength=4)) == [2, 2, 3, 3]
-    # the groups keep the expert they share most classes with: no renaming makes more classes stay
-    import itertools
-    kept = int((moved == stuck).sum())
-    assert kept == max(int((np.array(perm)[moved] == stuck).sum()) for perm in itertools.permutations(range(4)))
-    # and a map restarts cannot beat by the margin stays as it is
-    assert class_groups(joint, 4, moved, restarts=8).tolist() == moved.tolist()
+    stuck = class_groups(joint, 4, np.arange(10) % 4)
+    assert class_groups(joint, 4, stuck).tolist() == stuck.tolist()  # a local optimum
+    assert class_groups(joint, 4, stuck, restarts=8).tolist() == stuck.tolist()
+    monkeypatch.setattr(aggregation, "GROUPS_SWITCH_MARGIN", 0.0)
+    better = class_groups(joint, 4, stuck, restarts=8)  # what the restarts found
+    assert _likeness(lift, stuck) < _likeness(lift, better) <= _likeness(lift, stuck) * (1 + GROUPS_SWITCH_MARGIN)
 
 
 def test_renumbering_a_relabelled_map_gives_the_previous_map_back():
