@@ -163,8 +163,12 @@ class FedCoE(Algorithm):
         extra = {"correlation": correlation, "correlation_known": known, "train_prior": train_prior}
         if uses_class_groups(cfg):
             joint = sum(w * r.arrays[CLASS_COOCCURRENCE].double().numpy() for w, r in zip(n, replies)) / sum(n)
-            extra["class_expert"] = class_groups(joint, cfg.num_experts, state.extra.get("class_expert"),
-                                                 cfg.class_groups_restarts)
+            before = state.extra.get("class_expert")
+            extra["class_expert"] = class_groups(joint, cfg.num_experts, before, cfg.class_groups_restarts)
+            # the map each round, and how many classes changed expert (churn the gate must relearn)
+            diagnostics["class_expert"] = [int(k) for k in extra["class_expert"]]
+            diagnostics["class_groups_moved"] = int((np.asarray(before) != extra["class_expert"]).sum()) \
+                if before is not None and len(before) == len(extra["class_expert"]) else 0
         return ServerState(arrays, extra), diagnostics
 
     def add_client(self, state: ServerState, client_index: int, cfg: ExperimentConfig) -> ServerState:

@@ -143,3 +143,10 @@ def test_class_groups_are_chosen_at_aggregation_and_sent_to_the_clients(tmp_path
     assert config["class_expert"] == [int(k) for k in class_expert]
     payload, _ = loop.algorithm.train_payload(state, cfg, 0, 2)
     assert CLASS_COOCCURRENCE in loop.algorithm.expected_upload(payload, config, cfg)
+    # the round's log holds the map and how many classes left the initial one's expert
+    import json
+
+    logged = json.loads((tmp_path / "adapt" / "rounds.jsonl").read_text().splitlines()[-1])
+    initial = np.arange(len(class_expert)) % cfg.num_experts
+    assert logged["class_expert"] == [int(k) for k in class_expert]
+    assert logged["class_groups_moved"] == int((initial != class_expert).sum())
