@@ -136,13 +136,12 @@ def class_groups(cooccurrence: np.ndarray, num_experts: int, previous: np.ndarra
     lift = (joint + joint.T) / 2 / np.maximum(np.outer(marginal, marginal), 1e-12)
     np.fill_diagonal(lift, 0.0)
     valid = previous is not None and len(previous) == len(lift)
-    kept = _climb(lift, num_experts, np.asarray(previous, dtype=np.int64) if valid
-                  else _greedy_groups(lift, num_experts))
+    greedy = _greedy_groups(lift, num_experts)
+    kept = _climb(lift, num_experts, np.asarray(previous, dtype=np.int64) if valid else greedy)
     if restarts < 1:
         return kept
     rng = np.random.default_rng(0)
-    starts = [_greedy_groups(lift, num_experts)] + [rng.permutation(_greedy_groups(lift, num_experts))
-                                                    for _ in range(restarts - 1)]
+    starts = [greedy] + [rng.permutation(greedy) for _ in range(restarts - 1)]
     best = max((_climb(lift, num_experts, start) for start in starts), key=lambda g: _likeness(lift, g))
     if _likeness(lift, best) <= _likeness(lift, kept) * (1 + GROUPS_SWITCH_MARGIN):
         return kept
