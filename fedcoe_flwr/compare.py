@@ -188,13 +188,25 @@ def default_name(stem: str, methods_file: str | None) -> str:
 
 # ------------------------------------------------------------ the command
 def methods_from_file(path: str) -> list[str]:
-    """A YAML file with ``methods:`` (a list of method specs, as for --methods)."""
+    """A YAML file with ``methods:`` (a list of method specs, as for --methods) and, optionally,
+    ``set:`` (key: value), which every method of the file takes unless its spec sets the key: a
+    file of runs measured under earlier defaults pins those defaults there, so its runs reproduce."""
     with open(path) as fh:
         data = yaml.safe_load(fh) or {}
     methods = data.get("methods") if isinstance(data, dict) else None
     if not isinstance(methods, list) or not methods or not all(isinstance(m, str) for m in methods):
         raise SystemExit(f"--methods-file '{path}' must hold 'methods:', a list of method specs")
-    return methods
+    pinned = data.get("set") or {}
+    if not isinstance(pinned, dict):
+        raise SystemExit(f"--methods-file '{path}': 'set:' must map keys to values, not {pinned!r}")
+    return [with_pinned(spec, pinned) for spec in methods]
+
+
+def with_pinned(spec: str, pinned: dict[str, Any]) -> str:
+    """``spec`` with each ``pinned`` key its own overrides do not set appended."""
+    own = parse_method(spec)[1]
+    extra = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in pinned.items() if k not in own]
+    return f"{spec}{',' if ':' in spec else ':'}{','.join(extra)}" if extra else spec
 
 
 def duration(seconds: float) -> str:

@@ -126,6 +126,14 @@ def test_methods_file(tmp_path):
     good = tmp_path / "m.yaml"
     good.write_text("methods:\n  - fedavg\n  - fedcoe_top2:algorithm=fedcoe,top_m=2\n")
     assert methods_from_file(str(good)) == ["fedavg", "fedcoe_top2:algorithm=fedcoe,top_m=2"]
+    pinned = tmp_path / "pinned.yaml"  # a file's 'set:' applies where a spec leaves the key alone
+    pinned.write_text("set:\n  shared_expert_weight: 0\n  global_balanced: false\n"
+                      "methods:\n  - fedcoe\n  - mine:algorithm=fedcoe,shared_expert_weight=0.25\n")
+    assert methods_from_file(str(pinned)) == [
+        "fedcoe:shared_expert_weight=0,global_balanced=false",
+        "mine:algorithm=fedcoe,shared_expert_weight=0.25,global_balanced=false"]
+    assert parse_method(methods_from_file(str(pinned))[0])[1] == {
+        "algorithm": "fedcoe", "shared_expert_weight": 0, "global_balanced": False}
     bad = tmp_path / "bad.yaml"
     bad.write_text("method: fedavg\n")
     with pytest.raises(SystemExit, match="must hold 'methods:'"):

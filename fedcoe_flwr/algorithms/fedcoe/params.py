@@ -27,23 +27,23 @@ class FedCoEParams(Section):
     # an always-on shared expert beside the K routed ones (DeepSeekMoE's shared expert): the shared
     # trunk's own head, averaged like the trunk, mixed into every prediction with this weight, so
     # that routed experts may specialise without the mixture losing a dense path (0: off)
-    shared_expert_weight: float = 0.0
+    shared_expert_weight: float = 0.5
     gate_temperature: float = 1.0  # softmax temperature of the shared gate (< 1: sharper routing)
     # IFCA-style client-level assignment (Ghosh et al. 2020): the gate is also trained to send the
     # client's images to the expert of its set with the lowest loss on them, with this weight (0: off)
-    assignment_weight: float = 0.0
+    assignment_weight: float = 1.0
     # "client": one expert per client (IFCA); "sample": each image's own lowest-loss expert (hard EM);
     # "class": each class of a batch to one expert, capacity-limited; "label_split": class c to
     # expert c mod K; "class_groups": confusable classes to one expert, the groups chosen at each
     # aggregation from the clients' label-free prediction co-occurrence (algorithm.routing_targets)
-    assignment_level: str = "client"
+    assignment_level: str = "class_groups"
     # "class_groups": the mixture whose predicted-class co-occurrence on the client's images groups
     # the classes: after local training ("trained": at label skew it mostly tells which classes
     # share a client) or as the client received it ("received": the pool's own confusions)
-    class_groups_from: str = "trained"
+    class_groups_from: str = "received"
     # "class_groups": restarts of the grouping search besides the last round's map, which alone can
     # stay at a local optimum (aggregation.class_groups; 0: the last round's map only)
-    class_groups_restarts: int = 0
+    class_groups_restarts: int = 8
     local_loss_weight: float = 1.0  # cross-entropy of the local part alone, added to the client's loss
     local_prior_correction: bool = True  # the client's model re-weights the pool by its own label prior
     global_balanced: bool = True  # the global model divides out the federation's predicted training prior
@@ -75,7 +75,7 @@ class FedCoEParams(Section):
             raise bad_value("shared_expert_weight", self.shared_expert_weight, "must be in [0, 1)")
         if self.shared_expert_weight > 0 and not self.shared_trunk:
             raise bad_value("shared_expert_weight", self.shared_expert_weight,
-                            "the shared expert is the shared trunk's head: set shared_trunk=true")
+                            "the shared expert is the shared trunk's head: set shared_trunk=true or shared_expert_weight=0")
         if self.top_m > cfg.network.num_experts:
             raise bad_value("top_m", self.top_m, f"must be <= num_experts ({cfg.network.num_experts}); 0 means all")
         if not 0 <= self.correlation_smoothing <= 1:

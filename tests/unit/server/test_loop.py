@@ -4,6 +4,7 @@ another model or partition, run names stay plain names, messages share array rec
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 import numpy as np
 import pytest
@@ -43,8 +44,8 @@ def fake_replies(strategy: RoundLoop, server_round: int, poison: dict[int, str] 
         expected = strategy.algorithm.expected_upload(payload, pconfig, strategy.cfg)
         arrays = {k: v.clone() for k, v in payload.items() if k in expected}  # read-only keys are not sent back
         for key, (shape, dtype) in expected.items():
-            if key not in arrays:  # FedCoE's correlation row and class marginal: probability vectors
-                arrays[key] = torch.full(shape, 1.0 / shape[0], dtype=dtype)
+            if key not in arrays:  # FedCoE's correlation row, class marginal and class co-occurrence: distributions
+                arrays[key] = torch.full(shape, 1.0 / math.prod(shape), dtype=dtype)
         first = next(k for k, v in arrays.items() if v.is_floating_point() and v.numel() > 1)
         arrays[first] = arrays[first] + 0.01 * (c + 1)  # a genuine, client-specific update
         metrics = {"num_samples": 10 + c, "train_loss": 1.0}

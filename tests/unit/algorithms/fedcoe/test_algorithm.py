@@ -377,13 +377,16 @@ def test_local_loss_weight_trains_the_local_part_as_a_classifier(make_cfg, cpu):
 
 def test_default_design_round_trip(tmp_path, cpu):
     """The shipped defaults (shared trunk, local prior correction, local loss, balanced
-    global model): one client update validates, aggregates, and every prediction is a
-    probability vector."""
+    global model, class-group routing targets from the received pool, the shared expert): one
+    client update validates, aggregates into a class map, and every prediction is a probability
+    vector."""
     from fedcoe_flwr.config import ExperimentConfig, from_dict
     cfg = from_dict({**TINY, "cache_dir": str(tmp_path / "cache"), "model": "cnn"})
     defaults = ExperimentConfig()
     assert cfg.shared_trunk and cfg.local_prior_correction and cfg.global_balanced and cfg.local_loss_weight > 0
     assert (defaults.shared_trunk, defaults.local_part, defaults.coldstart_prior) == (True, "head", "predicted")
+    assert (defaults.assignment_level, defaults.class_groups_from, defaults.shared_expert_weight) == (
+        "class_groups", "received", 0.5) and defaults.assignment_weight > 0 and defaults.class_groups_restarts > 0
     algo = FedCoE()
     state = algo.init_state(cfg, 4)
     payload, config = algo.train_payload(state, cfg, 0, 1)
@@ -394,6 +397,7 @@ def test_default_design_round_trip(tmp_path, cpu):
     new, diagnostics = algo.aggregate(state, [Reply(0, metrics["num_samples"], upload)], cfg, 1)
     assert set(new.arrays) == set(state.arrays)
     assert new.extra["train_prior"].sum() == pytest.approx(1.0, abs=1e-5)
+    assert sorted(set(new.extra["class_expert"])) == list(range(min(cfg.num_experts, 4)))
     x = normalize(data.test_x[:5])
     with torch.no_grad():
         for probs in (algo.global_predict(new, cfg, 4, cpu)(x),
