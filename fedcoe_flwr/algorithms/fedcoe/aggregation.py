@@ -154,30 +154,30 @@ def _likeness(lift: np.ndarray, group: np.ndarray) -> float:
 
 
 def _climb(lift: np.ndarray, num_experts: int, start: np.ndarray) -> np.ndarray:
+    """Hill-climb from ``start``: each step takes the best move of one class to a group one
+    smaller or swap of two classes of different groups (the first in class order on a tie),
+    until none raises the likeness. Every candidate's gain is computed at once per step."""
     num_classes = len(lift)
     group = np.array(start, dtype=np.int64)
-
-    def gain_of_move(c: int, g: int) -> float:
-        return lift[c, group == g].sum() - lift[c, (group == group[c]) & (np.arange(num_classes) != c)].sum()
-
+    classes = np.arange(num_classes)
     for _ in range(num_classes * num_classes):
-        best, step = 1e-9, None
+        to_group = lift @ np.eye(num_experts)[group]  # C x K: each class's lift to each group
+        # moving class c to group g gains its lift to g less its lift to its own group
+        move = to_group - to_group[classes, group][:, None]
         size = np.bincount(group, minlength=num_experts)
-        for a in range(num_classes):
-            for g in range(num_experts):  # a move that only swaps which group has the extra class
-                if size[group[a]] == size[g] + 1 and (gain := gain_of_move(a, g)) > best:
-                    best, step = gain, (a, None, g)
-            for b in range(a + 1, num_classes):
-                if group[a] != group[b]:
-                    gain = gain_of_move(a, group[b]) + gain_of_move(b, group[a]) - 2 * lift[a, b]
-                    if gain > best:
-                        best, step = gain, (a, b, None)
-        if step is None:
+        moves = np.where(size[group][:, None] == size[None, :] + 1, move, -np.inf)
+        across = move[:, group]  # [a, b]: a's gain from moving to b's group
+        swaps = across + across.T - 2 * lift
+        swaps[~((group[:, None] != group[None, :]) & (classes[:, None] < classes[None, :]))] = -np.inf
+        gains = np.concatenate([moves, swaps], axis=1)  # row a: its moves, then its swaps (search order)
+        best = int(np.argmax(gains))
+        if not gains.flat[best] > 1e-9:
             break
-        a, b, g = step
-        if b is None:
-            group[a] = g
+        a, column = divmod(best, num_experts + num_classes)
+        if column < num_experts:
+            group[a] = column
         else:
+            b = column - num_experts
             group[a], group[b] = group[b], group[a]
     return group
 
