@@ -347,8 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(ALGORITHMS))
     parser.add_argument("--methods-file", default=None,
-                        help="YAML with 'methods:', a list of specs (e.g. configs/methods/ablation_fedcoe.yaml); "
-                             "replaces --methods")
+                        help="YAML with 'methods:', a list of specs (e.g. configs/methods/ablation_fedcoe.yaml), "
+                             "and optionally 'set:', keys every spec takes unless it sets them; replaces --methods")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
     parser.add_argument("--results-dir", default="results")
     parser.add_argument("--out", default=None, help="where the table and plot go (default <results-dir>/compare-<name>)")
