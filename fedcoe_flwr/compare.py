@@ -189,14 +189,18 @@ def default_name(stem: str, methods_file: str | None) -> str:
 # ------------------------------------------------------------ the command
 def methods_from_file(path: str) -> list[str]:
     """A YAML file with ``methods:`` (a list of method specs, as for --methods) and, optionally,
-    ``set:`` (key: value), which every method of the file takes unless its spec sets the key: a
-    file of runs measured under earlier defaults pins those defaults there, so its runs reproduce."""
+    ``set:`` (key: value, or a YAML file of them beside this one), which every method of the file
+    takes unless its spec sets the key: a file of runs measured under earlier defaults pins those
+    defaults there, so its runs reproduce."""
     with open(path) as fh:
         data = yaml.safe_load(fh) or {}
     methods = data.get("methods") if isinstance(data, dict) else None
     if not isinstance(methods, list) or not methods or not all(isinstance(m, str) for m in methods):
         raise SystemExit(f"--methods-file '{path}' must hold 'methods:', a list of method specs")
     pinned = data.get("set") or {}
+    if isinstance(pinned, str):  # a YAML file of key: value, relative to this one
+        with open(Path(path).parent / pinned) as fh:
+            pinned = yaml.safe_load(fh) or {}
     if not isinstance(pinned, dict):
         raise SystemExit(f"--methods-file '{path}': 'set:' must map keys to values, not {pinned!r}")
     return [with_pinned(spec, pinned) for spec in methods]

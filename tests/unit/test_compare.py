@@ -134,6 +134,9 @@ def test_methods_file(tmp_path):
         "mine:algorithm=fedcoe,shared_expert_weight=0.25,global_balanced=false"]
     assert parse_method(methods_from_file(str(pinned))[0])[1] == {
         "algorithm": "fedcoe", "shared_expert_weight": 0, "global_balanced": False}
+    (tmp_path / "pins.yaml").write_text("shared_expert_weight: 0\nglobal_balanced: false\n")  # or from a file
+    pinned.write_text("set: pins.yaml\nmethods:\n  - fedcoe\n")
+    assert methods_from_file(str(pinned)) == ["fedcoe:shared_expert_weight=0,global_balanced=false"]
     bad = tmp_path / "bad.yaml"
     bad.write_text("method: fedavg\n")
     with pytest.raises(SystemExit, match="must hold 'methods:'"):
