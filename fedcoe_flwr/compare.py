@@ -61,7 +61,7 @@ import yaml
 
 from .algorithms import REGISTRY as ALGORITHMS
 from .cli import user_errors
-from .config import load_config, method_only_keys, saved_config
+from .config import load_config, load_yaml, method_only_keys, saved_config
 from .fileio import atomic_write, read_jsonl
 from .report import KINDS, METRICS, comparison_markdown, method_record, write_results_doc
 from .server.callbacks.tensorboard import TB_DIR
@@ -192,15 +192,16 @@ def methods_from_file(path: str) -> list[str]:
     ``set:`` (key: value, or a YAML file of them beside this one), which every method of the file
     takes unless its spec sets the key: a file of runs measured under earlier defaults pins those
     defaults there, so its runs reproduce."""
+    if not Path(path).is_file():
+        raise SystemExit(f"--methods-file '{path}' not found")
     with open(path) as fh:
         data = yaml.safe_load(fh) or {}
     methods = data.get("methods") if isinstance(data, dict) else None
     if not isinstance(methods, list) or not methods or not all(isinstance(m, str) for m in methods):
         raise SystemExit(f"--methods-file '{path}' must hold 'methods:', a list of method specs")
     pinned = data.get("set") or {}
-    if isinstance(pinned, str):  # a YAML file of key: value, relative to this one
-        with open(Path(path).parent / pinned) as fh:
-            pinned = yaml.safe_load(fh) or {}
+    if isinstance(pinned, str):  # a config YAML beside this file: its keys checked as a config's
+        pinned = load_yaml(Path(path).parent / pinned)
     if not isinstance(pinned, dict):
         raise SystemExit(f"--methods-file '{path}': 'set:' must map keys to values, not {pinned!r}")
     return [with_pinned(spec, pinned) for spec in methods]

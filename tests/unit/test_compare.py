@@ -7,7 +7,7 @@ import pytest
 from fedcoe_flwr import compare
 from fedcoe_flwr.compare import (Progress, config_hash, finished, main, methods_from_file, parse_method,
                                  refuse_if_stale, run_dir, stale_keys)
-from fedcoe_flwr.config import load_config
+from fedcoe_flwr.config import ConfigError, load_config
 from fedcoe_flwr.report import (best_variant, label_free_variants, method_record, seconds_per_round, table, variants_table,
                                 write_results_doc)
 COMPARE_CONFIG = "configs/compare_cifar10_dir0.1.yaml"
@@ -137,6 +137,11 @@ def test_methods_file(tmp_path):
     (tmp_path / "pins.yaml").write_text("shared_expert_weight: 0\nglobal_balanced: false\n")  # or from a file
     pinned.write_text("set: pins.yaml\nmethods:\n  - fedcoe\n")
     assert methods_from_file(str(pinned)) == ["fedcoe:shared_expert_weight=0,global_balanced=false"]
+    pinned.write_text("set: missing.yaml\nmethods:\n  - fedcoe\n")
+    with pytest.raises(ConfigError, match="missing.yaml' not found"):
+        methods_from_file(str(pinned))
+    with pytest.raises(SystemExit, match="nowhere.yaml' not found"):
+        methods_from_file(str(tmp_path / "nowhere.yaml"))
     bad = tmp_path / "bad.yaml"
     bad.write_text("method: fedavg\n")
     with pytest.raises(SystemExit, match="must hold 'methods:'"):
