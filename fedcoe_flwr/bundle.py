@@ -13,7 +13,7 @@ import torch
 from .algorithms import get_algorithm
 from .algorithms.base import Predictor
 from .algorithms.training import predict_probs
-from .config import from_dict
+from .config import from_dict, saved_config
 from .fileio import atomic_write
 
 BUNDLE_FORMAT = 1
@@ -37,10 +37,10 @@ def load_bundle(path: str | os.PathLike) -> dict[str, Any]:
 
 def bundle_predictor(bundle: Mapping[str, Any], device: torch.device) -> Predictor:
     """x (normalised float batch) -> class probabilities of the saved model."""
-    cfg = from_dict(bundle["config"])
+    cfg = from_dict(saved_config(bundle["config"]))
     return get_algorithm(bundle["algorithm"]).bundle_predictor(bundle, cfg, len(bundle["class_names"]), device)
 
 
 def predict_images(bundle: Mapping[str, Any], x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Class probabilities for uint8 NCHW images."""
-    return predict_probs(bundle_predictor(bundle, device), x, from_dict(bundle["config"]), device)
+    return predict_probs(bundle_predictor(bundle, device), x, from_dict(saved_config(bundle["config"])), device)

@@ -197,11 +197,18 @@ def from_dict(values: Mapping[str, Any]) -> ExperimentConfig:
 VALUE_BEFORE_KEY: dict[str, Any] = {"gate_input": "image"}
 
 
+# Keys a saved config may hold that no longer exist, and why dropping them changes nothing it
+# trained: an old checkpoint or bundle still loads.
+RETIRED_KEYS: dict[str, str] = {
+    "global_balanced": "FedCoE's own balanced global model; the evaluator balances every global model alike"}
+
+
 def saved_config(saved: Mapping[str, Any]) -> dict[str, Any]:
     """A saved config's values with every key it lacks filled in as it ran: the value the
-    code had before the key existed, else the default."""
+    code had before the key existed, else the default; retired keys dropped."""
     before = {k: v for k, v in VALUE_BEFORE_KEY.items() if k not in saved}
-    return {**ExperimentConfig().to_dict(), **before, **saved}
+    kept = {k: v for k, v in saved.items() if k not in RETIRED_KEYS}
+    return {**ExperimentConfig().to_dict(), **before, **kept}
 
 
 def checkpoint_keys(algorithm: str) -> tuple[str, ...]:

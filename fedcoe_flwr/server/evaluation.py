@@ -5,8 +5,8 @@ percentile) and cold-start accuracy (clients that never trained, no gradient ste
 
 Every method with a global or new-client model is also scored with the label-free adaptations
 of ``algorithms.adaptation``: the training clients predict the federation's training prior with
-the new-client model (one more exchange), the cold-start clients get it for EM, and a global
-model that reports no prior-free variant of its own gets ``global_accuracy_balanced``."""
+the new-client model (one more exchange), the cold-start clients get it for EM, and every
+global model gets ``global_accuracy_balanced``, that prior divided out."""
 
 from __future__ import annotations
 
@@ -31,7 +31,6 @@ from .nodes import NodeDirectory
 
 COLDSTART = "evaluate.coldstart"
 PRIOR = "evaluate.prior"
-GLOBAL_VARIANTS = ("global_accuracy_raw", "global_accuracy_balanced")  # a method's own prior-free variant
 
 
 def summarise_personalised(accs: list[float], weights: list[int]) -> dict[str, float]:
@@ -125,8 +124,7 @@ class Evaluator:
 
     def global_metrics(self, state: ServerState, prior: torch.Tensor | None = None) -> dict[str, Any]:
         """The global model's accuracy on the global test set, plus the method's diagnostics;
-        with ``prior`` (the predicted training prior) also the balanced global model, unless the
-        method reports its own prior-free variant."""
+        with ``prior`` (the predicted training prior) also the balanced global model."""
         predict = self.algorithm.global_predict(state, self.cfg, self.num_classes, self.device)
         if predict is None:
             return {}
@@ -136,7 +134,7 @@ class Evaluator:
         out = {"global_accuracy": accuracy(predict, x, y, self.cfg, self.device),
                "global_accuracy_source": "global model",
                **self.algorithm.global_diagnostics(state, self.cfg, self.num_classes, self.device, x, y)}
-        if prior is not None and not any(k in out for k in GLOBAL_VARIANTS):
+        if prior is not None:
             out["global_accuracy_balanced"] = accuracy(balanced(predict, prior), x, y, self.cfg, self.device)
         return out
 

@@ -127,16 +127,16 @@ def test_methods_file(tmp_path):
     good.write_text("methods:\n  - fedavg\n  - fedcoe_top2:algorithm=fedcoe,top_m=2\n")
     assert methods_from_file(str(good)) == ["fedavg", "fedcoe_top2:algorithm=fedcoe,top_m=2"]
     pinned = tmp_path / "pinned.yaml"  # a file's 'set:' applies where a spec leaves the key alone
-    pinned.write_text("set:\n  shared_expert_weight: 0\n  global_balanced: false\n"
+    pinned.write_text("set:\n  shared_expert_weight: 0\n  local_gate: false\n"
                       "methods:\n  - fedcoe\n  - mine:algorithm=fedcoe,shared_expert_weight=0.25\n")
     assert methods_from_file(str(pinned)) == [
-        "fedcoe:shared_expert_weight=0,global_balanced=false",
-        "mine:algorithm=fedcoe,shared_expert_weight=0.25,global_balanced=false"]
+        "fedcoe:shared_expert_weight=0,local_gate=false",
+        "mine:algorithm=fedcoe,shared_expert_weight=0.25,local_gate=false"]
     assert parse_method(methods_from_file(str(pinned))[0])[1] == {
-        "algorithm": "fedcoe", "shared_expert_weight": 0, "global_balanced": False}
-    (tmp_path / "pins.yaml").write_text("shared_expert_weight: 0\nglobal_balanced: false\n")  # or from a file
+        "algorithm": "fedcoe", "shared_expert_weight": 0, "local_gate": False}
+    (tmp_path / "pins.yaml").write_text("shared_expert_weight: 0\nlocal_gate: false\n")  # or from a file
     pinned.write_text("set: pins.yaml\nmethods:\n  - fedcoe\n")
-    assert methods_from_file(str(pinned)) == ["fedcoe:shared_expert_weight=0,global_balanced=false"]
+    assert methods_from_file(str(pinned)) == ["fedcoe:shared_expert_weight=0,local_gate=false"]
     pinned.write_text("set: missing.yaml\nmethods:\n  - fedcoe\n")
     with pytest.raises(ConfigError, match="missing.yaml' not found"):
         methods_from_file(str(pinned))

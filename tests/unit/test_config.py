@@ -14,7 +14,7 @@ import yaml
 
 from fedcoe_flwr.algorithms.fedcoe.params import experts_per_client
 from fedcoe_flwr.config import (UNSET, ConfigError, ExperimentConfig, config_from_run_config, field_types, from_dict, make_config,
-                                load_config, load_yaml)
+                                load_config, load_yaml, saved_config)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FIELDS = list(field_types())
@@ -56,6 +56,14 @@ def test_wrong_type_names_key_and_value(key, value):
 def test_unknown_key_is_named():
     with pytest.raises(ConfigError, match="num_roundz"):
         from_dict({"num_roundz": 3})
+
+
+def test_a_saved_config_with_a_retired_key_still_loads():
+    # a checkpoint or bundle saved before global_balanced was retired; a live config refuses the key
+    saved = {**ExperimentConfig().to_dict(), "algorithm": "fedcoe", "global_balanced": False}
+    assert from_dict(saved_config(saved)).algorithm == "fedcoe"
+    with pytest.raises(ConfigError, match="global_balanced"):
+        from_dict(saved)
 
 
 def test_config_is_frozen_and_replace_validates():

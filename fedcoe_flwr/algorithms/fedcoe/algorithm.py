@@ -36,7 +36,6 @@ from .model import (CLASS_COOCCURRENCE, CLASS_MARGINAL, CORRELATION, GATE, TRAIN
                     build_gate, expert_prefix, network_part, trunk_part)
 from .params import FedCoEParams, experts_per_client
 from .plots import plot_correlation
-from ..adaptation import as_prior, prior_correct
 
 
 def local_loss(model: FedCoEModel, x: torch.Tensor, y: torch.Tensor, start: Mapping[str, torch.Tensor], *,
@@ -230,23 +229,19 @@ class FedCoE(Algorithm):
                               bundle["train_prior"]).predict
 
     def global_diagnostics(self, state, cfg, num_classes, device, x, y):
-        """Each expert alone (with the trunk when shared) on the global test set, the pool's
-        specialisation, and the global model's other variant (raw or balanced)."""
-        other = cfg.replace(global_balanced=not cfg.global_balanced)
-        key = "global_accuracy_" + ("raw" if cfg.global_balanced else "balanced")
-        return {**self.specialisation_of(state, cfg, num_classes, device, x, y),
-                key: accuracy(self.global_predict(state, other, num_classes, device), x, y, cfg, device)}
+        """Each expert alone (with the trunk when shared) on the global test set and the pool's
+        specialisation."""
+        return self.specialisation_of(state, cfg, num_classes, device, x, y)
 
     def global_predict(self, state, cfg, num_classes, device):
+        """The mixture over all K experts (each image's top m when m < K), unadapted: the
+        balanced variant is the evaluator's, with the federation's predicted prior of this very
+        model, as for every method with a global model."""
         model = FedCoEModel(cfg, num_classes, list(range(cfg.num_experts)), with_private=False)
         model.load_shared(state.arrays)
         model.to(device).eval()
         top = experts_per_client(cfg) if experts_per_client(cfg) < cfg.num_experts else None
-        if not cfg.global_balanced:
-            return lambda x: model.mixture(x, per_sample_top=top)[0]
-        prior = as_prior(state.extra.get("train_prior", np.full(num_classes, 1.0 / num_classes))).to(device)
-        uniform = torch.full_like(prior, 1.0 / num_classes)
-        return lambda x: prior_correct(model.mixture(x, per_sample_top=top)[0], uniform, prior)
+        return lambda x: model.mixture(x, per_sample_top=top)[0]
 
     # ---- client side
     def local_task(self, step: ClientStep) -> LocalTask:

@@ -46,7 +46,6 @@ class FedCoEParams(Section):
     class_groups_restarts: int = 8
     local_loss_weight: float = 1.0  # cross-entropy of the local part alone, added to the client's loss
     local_prior_correction: bool = True  # the client's model re-weights the pool by its own label prior
-    global_balanced: bool = True  # the global model divides out the federation's predicted training prior
     local_gate: bool = True
     correlation_weighting: bool = True
     correlation_smoothing: float = 0.5

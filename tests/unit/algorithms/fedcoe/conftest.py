@@ -9,10 +9,10 @@ from fedcoe_flwr.algorithms.base import ClientStep
 from fedcoe_flwr.algorithms.fedcoe import FedCoE
 from fedcoe_flwr.data import load_client_data
 # This module switches each lever on explicitly: its configs start from the first design
-# (whole expert networks, no level-2 extras, raw global model, no routing targets, no shared
+# (whole expert networks, no level-2 extras, no routing targets, no shared
 # expert); test_default_design_* checks the shipped defaults.
 FIRST_DESIGN = dict(shared_trunk=False, gate_input="image", aux_weight=1.0, local_prior_correction=False,
-                    local_loss_weight=0.0, global_balanced=False, assignment_weight=0.0, shared_expert_weight=0.0)
+                    local_loss_weight=0.0, assignment_weight=0.0, shared_expert_weight=0.0)
 
 
 @pytest.fixture

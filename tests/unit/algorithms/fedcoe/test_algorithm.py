@@ -337,20 +337,23 @@ def test_local_prior_correction_reweights_the_pool_by_the_clients_labels(make_cf
         torch.testing.assert_close(predict(x), expected)
 
 
-def test_global_balanced_divides_out_the_training_prior(make_cfg, cpu):
-    cfg = make_cfg(num_experts=2, norm="group", global_balanced=True)
+def test_global_model_is_the_unadapted_mixture(make_cfg, cpu):
+    """The global model is the mixture over the pool as trained: its balanced variant is the
+    evaluator's, with the same predicted prior as every other method's (test_adaptation), so the
+    server's own training prior (for the level-2 correction) must not be divided out here."""
+    cfg = make_cfg(num_experts=2, norm="group")
     algo = FedCoE()
     state = algo.init_state(cfg, 4)
     state.extra["train_prior"] = np.array([0.4, 0.3, 0.2, 0.1])
     x = normalize(load_client_data(cfg, 0).test_x[:8])
+    model = FedCoEModel(cfg, 4, [0, 1], with_private=False)
+    model.load_shared(state.arrays)
+    model.eval()
     with torch.no_grad():
-        raw = algo.global_predict(state, cfg.replace(global_balanced=False), 4, cpu)(x)
-        balanced = algo.global_predict(state, cfg, 4, cpu)(x)
-    torch.testing.assert_close(balanced, prior_correct(raw, torch.full((4,), 0.25),
-                                                       torch.tensor([0.4, 0.3, 0.2, 0.1])))
+        torch.testing.assert_close(algo.global_predict(state, cfg, 4, cpu)(x), model.mixture(x)[0])
     from fedcoe_flwr.data import load_global_test
     gx, gy = load_global_test(cfg)
-    assert "global_accuracy_raw" in algo.global_diagnostics(state, cfg, 4, cpu, gx, gy)
+    assert not any(k.startswith("global_accuracy") for k in algo.global_diagnostics(state, cfg, 4, cpu, gx, gy))
 
 
 def test_local_loss_weight_trains_the_local_part_as_a_classifier(make_cfg, cpu):
@@ -376,14 +379,14 @@ def test_local_loss_weight_trains_the_local_part_as_a_classifier(make_cfg, cpu):
 
 
 def test_default_design_round_trip(tmp_path, cpu):
-    """The shipped defaults (shared trunk, local prior correction, local loss, balanced
-    global model, class-group routing targets from the received pool, the shared expert): one
+    """The shipped defaults (shared trunk, local prior correction, local loss,
+    class-group routing targets from the received pool, the shared expert): one
     client update validates, aggregates into a class map, and every prediction is a probability
     vector."""
     from fedcoe_flwr.config import ExperimentConfig, from_dict
     cfg = from_dict({**TINY, "cache_dir": str(tmp_path / "cache"), "model": "cnn"})
     defaults = ExperimentConfig()
-    assert cfg.shared_trunk and cfg.local_prior_correction and cfg.global_balanced and cfg.local_loss_weight > 0
+    assert cfg.shared_trunk and cfg.local_prior_correction and cfg.local_loss_weight > 0
     assert (defaults.shared_trunk, defaults.local_part, defaults.coldstart_prior) == (True, "head", "predicted")
     assert (defaults.assignment_level, defaults.class_groups_from, defaults.shared_expert_weight) == (
         "class_groups", "received", 0.5) and defaults.assignment_weight > 0 and defaults.class_groups_restarts > 0

@@ -46,7 +46,8 @@ def check_against_jsonl(run_dir: Path, events: EventAccumulator) -> None:
     for tag, key in [("accuracy/global", "global_accuracy"), ("accuracy/personalised", "personalized_accuracy"),
                      ("accuracy/personalised_mean", "personalized_accuracy_mean"),
                      ("accuracy/personalised_p10", "personalized_accuracy_p10"),
-                     ("accuracy/coldstart", "coldstart_accuracy"), ("accuracy/global_raw", "global_accuracy_raw"),
+                     ("accuracy/coldstart", "coldstart_accuracy"),
+                     ("accuracy/global_balanced", "global_accuracy_balanced"),
                      ("accuracy/coldstart_plain", "coldstart_accuracy_plain")]:
         assert scalars(events, tag) == {m["round"]: pytest.approx(m[key], rel=1e-6) for m in metrics}, tag
     variants = {k for m in metrics for k in m if k.startswith("coldstart_accuracy_")}
