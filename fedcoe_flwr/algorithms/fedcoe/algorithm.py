@@ -203,8 +203,13 @@ class FedCoE(Algorithm):
         gate = predict_probs(model.gate_probs, x, cfg, device)
         experts = [predict_probs(model.expert_alone(k), x, cfg, device) for k in range(cfg.num_experts)]
         rows = state.extra["correlation"][state.extra["correlation_known"]]
-        return {"expert_global_accuracy": [float((p.argmax(1) == y).float().mean()) for p in experts],
-                **specialisation(gate, experts, y, num_classes, rows)}
+        out = {"expert_global_accuracy": [float((p.argmax(1) == y).float().mean()) for p in experts],
+               **specialisation(gate, experts, y, num_classes, rows)}
+        if uses_class_groups(cfg) and "class_expert" in state.extra:
+            out.update(class_map_routing(state.extra["class_expert"], gate, experts, y, cfg.shared_expert_weight,
+                                         predict_probs(model.shared_expert_alone(), x, cfg, device)
+                                         if cfg.shared_expert_weight > 0 else None))
+        return out
 
     def describe(self, cfg: ExperimentConfig) -> str:
         return f"model={cfg.model} experts={cfg.num_experts} per client={experts_per_client(cfg)}"
@@ -319,6 +324,21 @@ def assigned_expert(model: FedCoEModel, data: Any, cfg: ExperimentConfig, device
     losses = {k: float(nll_of_probs(predict_probs(model.expert_alone(k), data.train_x, cfg, device), data.train_y))
               for k in model.expert_ids}
     return min(losses, key=losses.__getitem__)
+
+
+def class_map_routing(class_expert: Any, gate: torch.Tensor, experts: list[torch.Tensor], y: torch.Tensor,
+                      shared_weight: float, shared: torch.Tensor | None) -> dict[str, float]:
+    """How far the gate's routing holds the mixture back: ``gate_routing_accuracy``, the share
+    of test images whose top expert is their class's expert in the server's class map, and
+    ``oracle_routing_global_accuracy``, the unadapted global mixture with every image sent to
+    that expert alone (its label used: an upper bound for a better gate, never a model)."""
+    target = torch.as_tensor(np.asarray(class_expert), dtype=torch.long)[y.long().cpu()]
+    stacked = torch.stack([p.cpu() for p in experts], 1)  # images x K x classes
+    routed = stacked[torch.arange(len(y)), target]
+    if shared is not None:
+        routed = (1 - shared_weight) * routed + shared_weight * shared.cpu()
+    return {"gate_routing_accuracy": float((gate.cpu().argmax(1) == target).float().mean()),
+            "oracle_routing_global_accuracy": float((routed.argmax(1) == y.cpu()).float().mean())}
 
 
 def uses_class_groups(cfg: ExperimentConfig) -> bool:

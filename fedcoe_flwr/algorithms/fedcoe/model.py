@@ -163,6 +163,10 @@ class FedCoEModel(nn.Module):
             return lambda x: F.softmax(expert(x), dim=1)
         return lambda x: F.softmax(expert.classifier(expert.head_features(self.trunk.trunk(x))), dim=1)
 
+    def shared_expert_alone(self) -> "callable":
+        """x -> class probabilities of the shared expert (the trunk network's own head) alone."""
+        return lambda x: F.softmax(self.trunk.classifier(self.trunk.head_features(self.trunk.trunk(x))), dim=1)
+
     def load_balance_loss(self) -> torch.Tensor:
         nets = list(self.expert.values()) + ([self.trunk] if self.trunk is not None else [])
         return sum((e.load_balance_loss() for e in nets), torch.zeros(()))

@@ -406,6 +406,22 @@ def test_default_design_round_trip(tmp_path, cpu):
         for probs in (algo.global_predict(new, cfg, 4, cpu)(x),
                       algo.client_predict(ClientStep(arrays=algo.eval_payload(new, cfg, 0)[0], config=config, private=private, cfg=cfg, num_classes=4, device=cpu, data=None))(x)):
             assert probs.shape == (5, 4) and torch.allclose(probs.sum(1), torch.ones(5), atol=1e-5)
+    from fedcoe_flwr.data import load_global_test
+    found = algo.global_diagnostics(new, cfg, 4, cpu, *load_global_test(cfg))
+    assert 0.0 <= found["gate_routing_accuracy"] <= 1.0 and 0.0 <= found["oracle_routing_global_accuracy"] <= 1.0
+
+
+def test_class_map_routing_scores_the_gate_against_the_map_and_routes_by_it():
+    from fedcoe_flwr.algorithms.fedcoe.algorithm import class_map_routing
+    y = torch.tensor([0, 1, 2, 3])
+    class_expert = [0, 0, 1, 1]  # classes 0, 1 -> expert 0; 2, 3 -> expert 1
+    gate = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7], [0.6, 0.4]])  # right on images 0 and 2
+    eye = torch.eye(4)
+    experts = [eye[[0, 1, 0, 0]], eye[[3, 3, 2, 2]]]  # expert 0 knows classes 0, 1; expert 1 only class 2
+    found = class_map_routing(class_expert, gate, experts, y, 0.0, None)
+    assert found == {"gate_routing_accuracy": 0.5, "oracle_routing_global_accuracy": 0.75}
+    shared = eye[[3, 3, 3, 3]]  # a shared expert at weight 0.6 that always says class 3 outvotes the heads
+    assert class_map_routing(class_expert, gate, experts, y, 0.6, shared)["oracle_routing_global_accuracy"] == 0.25
 
 
 def test_class_groups_from_received_uploads_the_received_pools_confusions(make_cfg, cpu):
