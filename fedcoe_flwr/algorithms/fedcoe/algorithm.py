@@ -24,7 +24,7 @@ import torch
 from ...config import ExperimentConfig
 from ...models import build_expert
 from ..base import Algorithm, ClientStep, Predictor, Reply, ServerState
-from ..training import (Arrays, LocalTask, Trained, accuracy, module_anchors, nll_of_probs, predict_probs, prefixed,
+from ..training import (Arrays, LocalTask, Trained, module_anchors, nll_of_probs, predict_probs, prefixed,
                         proximal_term, seeded_init, state_of, unprefixed, weighted_average)
 from .aggregation import aggregate_pool, class_groups, expert_set, routing_diagnostics
 from ...data import DataError, load_global_test
