@@ -161,11 +161,15 @@ class FedCoEModel(nn.Module):
         expert = self.expert[str(k)]
         if self.trunk is None:
             return lambda x: F.softmax(expert(x), dim=1)
-        return lambda x: F.softmax(expert.classifier(expert.head_features(self.trunk.trunk(x))), dim=1)
+        return self.head_on_trunk(expert)
 
     def shared_expert_alone(self) -> "callable":
         """x -> class probabilities of the shared expert (the trunk network's own head) alone."""
-        return lambda x: F.softmax(self.trunk.classifier(self.trunk.head_features(self.trunk.trunk(x))), dim=1)
+        return self.head_on_trunk(self.trunk)
+
+    def head_on_trunk(self, net: nn.Module) -> "callable":
+        """x -> class probabilities of ``net``'s head on the shared trunk's output."""
+        return lambda x: F.softmax(net.classifier(net.head_features(self.trunk.trunk(x))), dim=1)
 
     def load_balance_loss(self) -> torch.Tensor:
         nets = list(self.expert.values()) + ([self.trunk] if self.trunk is not None else [])
