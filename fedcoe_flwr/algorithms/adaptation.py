@@ -24,6 +24,8 @@ Predictor = Callable[[torch.Tensor], torch.Tensor]
 
 # config key of a cold-start message: the federation's predicted training prior (num_classes floats)
 TRAIN_PRIOR_KEY = "train_prior"
+# evaluation record key: that prior as the evaluation predicted it (rounded), for onboarding later
+PREDICTED_PRIOR_RECORD = "predicted_train_prior"
 # metrics key of a prior reply: the client's mean predicted class probabilities on its training images
 MEAN_PROBS_KEY = "mean_probs"
 
@@ -89,6 +91,12 @@ def prior_of(config: Mapping[str, Any]) -> torch.Tensor | None:
     """The predicted training prior a cold-start message carries, or None."""
     values = config.get(TRAIN_PRIOR_KEY)
     return as_prior(list(values)) if values is not None and len(values) else None
+
+
+def latest_predicted_prior(history: Iterable[Mapping[str, Any]]) -> list[float] | None:
+    """The federation's training prior as the newest evaluation in ``history`` predicted it, or None."""
+    found = [r[PREDICTED_PRIOR_RECORD] for r in history if r.get(PREDICTED_PRIOR_RECORD)]
+    return [float(v) for v in found[-1]] if found else None
 
 
 # ------------------------------------------------------------------ AdaBN

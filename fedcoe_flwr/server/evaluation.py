@@ -19,7 +19,8 @@ from flwr.app import Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from ..algorithms.adaptation import MEAN_PROBS_KEY, TRAIN_PRIOR_KEY, balanced, federation_prior
+from ..algorithms.adaptation import (MEAN_PROBS_KEY, PREDICTED_PRIOR_RECORD, TRAIN_PRIOR_KEY, balanced,
+                                     federation_prior)
 from ..algorithms.base import Algorithm, ServerState
 from ..algorithms.specialisation import COUNTS_KEY, mean_client_mi_bits
 from ..algorithms.training import accuracy
@@ -159,7 +160,7 @@ class Evaluator:
         record: dict[str, Any] = {"round": server_round}
         record.update(self.global_metrics(state, prior))
         if prior is not None:
-            record["predicted_train_prior"] = [round(float(v), 5) for v in prior]
+            record[PREDICTED_PRIOR_RECORD] = [round(float(v), 5) for v in prior]
         record.update(self.client_metrics(server_round, replies))
         for key in ("global_accuracy", "personalized_accuracy", "coldstart_accuracy"):
             record.setdefault(key, None)

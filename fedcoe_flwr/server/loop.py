@@ -120,6 +120,7 @@ class RoundLoop:
         self.rng.bit_generator.state = payload["rng"]
         self.segments = list(payload.get("segments", []))
         self.has_trained = set(payload.get("has_trained", []))
+        self.onboarder.follow(self.history)
 
     def resume_point(self) -> None:
         """With ``resume_from`` or ``resume``: restore the checkpoint, or stop with a reason."""
@@ -253,6 +254,7 @@ class RoundLoop:
         record["elapsed_s"] = round(self.elapsed(), 2)
         record.update(self.comm)
         self.history.append(record)
+        self.onboarder.follow([record])
         for callback in self.callbacks:
             callback.on_evaluation(self, record)
         log(INFO, "[round %d] global=%s personalised=%s cold-start=%s", server_round,

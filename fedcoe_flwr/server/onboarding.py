@@ -25,6 +25,7 @@ from flwr.app import Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from ..algorithms.adaptation import TRAIN_PRIOR_KEY, latest_predicted_prior
 from ..algorithms.base import Algorithm, ServerState
 from ..algorithms import algorithm_class, get_algorithm
 from ..config import ExperimentConfig, from_dict, saved_config
@@ -123,6 +124,13 @@ class Onboarder:
         self.cfg, self.run_dir, self.mode = cfg, Path(run_dir), mode
         self.algorithm = get_algorithm(cfg.algorithm)
         self.entries: list[dict[str, Any]] = []
+        # the federation's predicted training prior of the newest evaluation: a new node's EM
+        # starts from the same prior as the cold-start clients the evaluation scored
+        self.train_prior: list[float] | None = None
+
+    def follow(self, history: Iterable[Mapping[str, Any]]) -> None:
+        """Take the training prior the newest evaluation in ``history`` predicted (if any did)."""
+        self.train_prior = latest_predicted_prior(history) or self.train_prior
 
     def onboard(self, grid: Grid, nodes: Mapping[int, Mapping[str, Any]], state: ServerState,
                 package_round: int, phase: str, decide: Any = None) -> list[dict[str, Any]]:
@@ -137,6 +145,8 @@ class Onboarder:
             log(WARNING, "[onboard] %s", err)
             return []
         crc = tensors_crc(package)  # the node checks it on arrival
+        if self.train_prior is not None:
+            pconfig = {**pconfig, TRAIN_PRIOR_KEY: self.train_prior}
         config = {**pconfig, "server_round": package_round, "package_round": package_round, "package_crc": crc,
                   "run_name": self.cfg.resolved_run_name}
         content = RecordDict({ARRAYS: to_array_record(package), CONFIG: config_record(config),
@@ -203,6 +213,7 @@ def serve(grid: Grid, serving: ExperimentConfig) -> list[dict[str, Any]]:
     state = ServerState(dict(payload["arrays"]), dict(payload.get("extra", {})))
     package_round = int(payload.get("round", 0))
     onboarder = Onboarder(cfg, run_dir, "serve")
+    onboarder.follow(payload.get("history", []))
     log(INFO, "[serve] onboarding new sites from %s (run %s, %s, round %d); registry %s; up to %s node(s), "
         "%.0fs", path, cfg.resolved_run_name, cfg.algorithm, package_round, run_dir / REGISTRY,
         serving.serve_max_nodes or "any number of", serving.serve_timeout)

@@ -15,6 +15,7 @@ from fedcoe_flwr.bundle import load_bundle
 from fedcoe_flwr.client.onboarding import handle_onboard
 from fedcoe_flwr.server import onboarding as onboard
 from fedcoe_flwr.algorithms import get_algorithm
+from fedcoe_flwr.algorithms.adaptation import TRAIN_PRIOR_KEY
 from fedcoe_flwr.algorithms.fedcoe.coldstart import coldstart_evaluate
 from fedcoe_flwr.data import load_site_data
 from tools.deploy.sites import export_sites
@@ -160,8 +161,11 @@ def test_onboard_serving_mode_from_a_checkpoint_needs_no_training_client(sites, 
     run_dir = tmp_path / "results" / "onb"
     (run_dir / "checkpoints").mkdir(parents=True)
     state = get_algorithm("fedcoe").init_state(cfg, len(folders.class_names))
-    torch.save(to_payload({"round": 3, "arrays": state.arrays, "extra": state.extra, "config": cfg.to_dict()}),
-               run_dir / "final_state.pt")
+    # the newest evaluation's predicted training prior (not the package's own): the new node's EM starts there
+    skewed = [0.7] + [0.3 / (len(folders.class_names) - 1)] * (len(folders.class_names) - 1)
+    history = [{"round": 2, "predicted_train_prior": [0.25] * 4}, {"round": 3, "predicted_train_prior": skewed}]
+    torch.save(to_payload({"round": 3, "arrays": state.arrays, "extra": state.extra, "config": cfg.to_dict(),
+                           "history": history}), run_dir / "final_state.pt")
     grid = InProcessGrid({300: {"data-dir": str(folders.coldstart[0]), "cold-start": True,
                                 "model-path": str(tmp_path / "node" / "model.pt")}})
     serving = cfg.replace(serve_from=str(run_dir), serve_max_nodes=1, serve_timeout=60.0, model="cnn",
@@ -169,8 +173,10 @@ def test_onboard_serving_mode_from_a_checkpoint_needs_no_training_client(sites, 
     (entry,) = serve(grid, serving)
     assert entry["mode"] == "serve" and entry["package_round"] == 3
     assert [m.metadata.message_type for m in grid.sent] == ["query.onboard"]
+    assert list(grid.sent[0].content.config_records[CONFIG][TRAIN_PRIOR_KEY]) == pytest.approx(skewed)
     data = load_site_data(folders.coldstart[0], cfg, need_train=False)
-    offline = coldstart_evaluate(state.arrays, data, cfg, len(folders.class_names), CPU)
+    offline = coldstart_evaluate(state.arrays, data, cfg, len(folders.class_names), CPU, torch.tensor(skewed))
     assert entry["metrics"]["coldstart_accuracy"] == offline["coldstart_accuracy"]
+    assert entry["metrics"]["coldstart_accuracy"] == entry["metrics"]["coldstart_accuracy_em"]
     assert onboard.read_registry(run_dir)[0]["node_id"] == 300
     assert (tmp_path / "node" / "model.pt").is_file()

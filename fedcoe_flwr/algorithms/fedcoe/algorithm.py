@@ -20,6 +20,7 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ...config import ExperimentConfig
 from ...models import build_expert
@@ -33,7 +34,7 @@ from ..specialisation import KEYS as SPECIALISATION_KEYS
 from ..specialisation import plot_specialisation, specialisation
 from .coldstart import NewClientModel, adapt_new_client, coldstart_evaluate, pool_model
 from .model import (CLASS_COOCCURRENCE, CLASS_MARGINAL, CORRELATION, GATE, TRAIN_PRIOR, TRUNK, FedCoEModel, build_client_model,
-                    build_gate, expert_prefix, network_part, trunk_part)
+                    build_gate, expert_prefix, network_part, split_pool_outputs, trunk_part)
 from .params import FedCoEParams, experts_per_client
 from .plots import plot_correlation
 
@@ -200,15 +201,14 @@ class FedCoE(Algorithm):
         model = FedCoEModel(cfg, num_classes, list(range(cfg.num_experts)), with_private=False)
         model.load_shared(state.arrays)
         model.to(device).eval()
-        gate = predict_probs(model.gate_probs, x, cfg, device)
-        experts = [predict_probs(model.expert_alone(k), x, cfg, device) for k in range(cfg.num_experts)]
+        gate, experts, shared = split_pool_outputs(predict_probs(model.pool_outputs, x, cfg, device),
+                                                   cfg.num_experts, num_classes)
         rows = state.extra["correlation"][state.extra["correlation_known"]]
         out = {"expert_global_accuracy": [float((p.argmax(1) == y).float().mean()) for p in experts],
                **specialisation(gate, experts, y, num_classes, rows)}
         if uses_class_groups(cfg) and "class_expert" in state.extra:
             out.update(class_map_routing(state.extra["class_expert"], gate, experts, y, cfg.shared_expert_weight,
-                                         predict_probs(model.shared_expert_alone(), x, cfg, device)
-                                         if cfg.shared_expert_weight > 0 else None))
+                                         shared))
         return out
 
     def describe(self, cfg: ExperimentConfig) -> str:
@@ -218,7 +218,7 @@ class FedCoE(Algorithm):
         return cfg.num_experts
 
     def onboard(self, step: ClientStep, unlabeled: torch.Tensor) -> tuple[dict[str, Any], list[float] | None]:
-        new = adapt_new_client(step.arrays, unlabeled, step.cfg, step.num_classes, step.device)
+        new = adapt_new_client(step.arrays, unlabeled, step.cfg, step.num_classes, step.device, prior_of(step.config))
         bundle = {"expert_ids": list(new.model.expert_ids),
                   "arrays": {k: v.detach().cpu().clone() for k, v in new.model.shared_state().items()},
                   "adabn": new.adabn, "prior": None if new.prior is None else new.prior.cpu(),
@@ -331,14 +331,29 @@ def class_map_routing(class_expert: Any, gate: torch.Tensor, experts: list[torch
     """How far the gate's routing holds the mixture back: ``gate_routing_accuracy``, the share
     of test images whose top expert is their class's expert in the server's class map, and
     ``oracle_routing_global_accuracy``, the unadapted global mixture with every image sent to
-    that expert alone (its label used: an upper bound for a better gate, never a model)."""
-    target = torch.as_tensor(np.asarray(class_expert), dtype=torch.long)[y.long().cpu()]
+    that expert alone (its label used: an upper bound for a better gate, never a model). With a
+    shared expert also ``shared_expert_global_accuracy`` (it alone: what the routed experts add
+    to it) and ``shared_routing_global_accuracy``, the mixture routed label-free by the shared
+    expert's class probabilities summed over each expert's classes in the map (a gate that is
+    the pool's own classifier)."""
+    class_expert = torch.as_tensor(np.asarray(class_expert), dtype=torch.long)
+    y = y.long().cpu()
+    target = class_expert[y]
     stacked = torch.stack([p.cpu() for p in experts], 1)  # images x K x classes
-    routed = stacked[torch.arange(len(y)), target]
+
+    def mixture_accuracy(weights: torch.Tensor) -> float:  # weights: images x K
+        probs = (weights[:, :, None] * stacked).sum(1)
+        if shared is not None:
+            probs = (1 - shared_weight) * probs + shared_weight * shared.cpu()
+        return float((probs.argmax(1) == y).float().mean())
+
+    out = {"gate_routing_accuracy": float((gate.cpu().argmax(1) == target).float().mean()),
+           "oracle_routing_global_accuracy": mixture_accuracy(F.one_hot(target, len(experts)).float())}
     if shared is not None:
-        routed = (1 - shared_weight) * routed + shared_weight * shared.cpu()
-    return {"gate_routing_accuracy": float((gate.cpu().argmax(1) == target).float().mean()),
-            "oracle_routing_global_accuracy": float((routed.argmax(1) == y.cpu()).float().mean())}
+        shared = shared.cpu()
+        out["shared_expert_global_accuracy"] = float((shared.argmax(1) == y).float().mean())
+        out["shared_routing_global_accuracy"] = mixture_accuracy(shared @ F.one_hot(class_expert, len(experts)).float())
+    return out
 
 
 def uses_class_groups(cfg: ExperimentConfig) -> bool:

@@ -20,10 +20,15 @@ from .model import TRAIN_PRIOR, FedCoEModel
 from .params import experts_per_client
 
 
-def training_prior(arrays: Mapping[str, torch.Tensor], cfg: ExperimentConfig, num_classes: int) -> torch.Tensor:
-    """The label distribution the pool was trained under, as EM needs it: the federation's
-    sample-weighted mean prediction on the training clients' data (``coldstart_prior:
-    predicted``, shipped in the cold-start package) or uniform."""
+def training_prior(arrays: Mapping[str, torch.Tensor], cfg: ExperimentConfig, num_classes: int,
+                   predicted: torch.Tensor | None = None) -> torch.Tensor:
+    """The label distribution the pool was trained under, as EM needs it (``coldstart_prior:
+    predicted``): ``predicted``, the training clients' mean prediction with this very package
+    (the evaluation's, as every method's EM gets it; sent with the package to an onboarded
+    node), else the package's own, their mixtures' mean prediction after local training; or
+    uniform."""
+    if cfg.coldstart_prior == "predicted" and predicted is not None:
+        return as_prior(predicted)
     if cfg.coldstart_prior == "predicted" and TRAIN_PRIOR in arrays:
         return as_prior(arrays[TRAIN_PRIOR])
     return torch.full((num_classes,), 1.0 / num_classes)
@@ -67,12 +72,14 @@ class NewClientModel:
 
 
 def adapt_new_client(arrays: Mapping[str, torch.Tensor], unlabeled: torch.Tensor, cfg: ExperimentConfig,
-                     num_classes: int, device: torch.device) -> NewClientModel:
-    """The configured adaptation, in this order: route (top-m), AdaBN, EM prior."""
+                     num_classes: int, device: torch.device, predicted_prior: torch.Tensor | None = None
+                     ) -> NewClientModel:
+    """The configured adaptation, in this order: route (top-m), AdaBN, EM prior (from
+    ``training_prior``)."""
     model = pool_model(arrays, cfg, num_classes, device)
     row = route(model, unlabeled, cfg, device)
     adabn = bool(cfg.coldstart_adabn) and reestimate_batchnorm(model, unlabeled, cfg, device)
-    train_prior = training_prior(arrays, cfg, num_classes)
+    train_prior = training_prior(arrays, cfg, num_classes, predicted_prior)
     prior = None
     if cfg.coldstart_em:
         prior = em_label_prior(predict_probs(lambda x: model.mixture(x)[0], unlabeled, cfg, device), train_prior)
@@ -85,16 +92,15 @@ def coldstart_evaluate(arrays: Mapping[str, torch.Tensor], data: ClientData, cfg
     """A new client's model from the pool, adapted with unlabeled data only (its local
     train split with labels unused), scored on its local test split: the configured
     adaptation (``adapt_new_client``, with the prior the package carries) and every method's
-    label-free variants (``adaptation.label_free_scores``) with ``train_prior``, the prior the
-    evaluation predicted (the package's when None)."""
+    label-free variants (``adaptation.label_free_scores``), both with ``train_prior``, the prior
+    the evaluation predicted (the package's when None)."""
     unlabeled = data.train_x if len(data.train_x) else data.test_x
     model = pool_model(arrays, cfg, num_classes, device)
     row = route(model, unlabeled, cfg, device)
-    if train_prior is None:
-        train_prior = training_prior(arrays, cfg, num_classes)
     scores = label_free_scores(lambda x: model.mixture(x)[0], [model], unlabeled, data.test_x, data.test_y,
-                               train_prior, cfg, device)
-    configured = adapt_new_client(arrays, unlabeled, cfg, num_classes, device)
+                               training_prior(arrays, cfg, num_classes) if train_prior is None else train_prior,
+                               cfg, device)
+    configured = adapt_new_client(arrays, unlabeled, cfg, num_classes, device, train_prior)
     out: dict[str, Any] = coldstart_record(
         scores, accuracy(configured.predict, data.test_x, data.test_y, cfg, device))
     out["routing_row"] = [float(v) for v in row]

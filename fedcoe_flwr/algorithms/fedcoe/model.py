@@ -163,13 +163,20 @@ class FedCoEModel(nn.Module):
             return lambda x: F.softmax(expert(x), dim=1)
         return self.head_on_trunk(expert)
 
-    def shared_expert_alone(self) -> "callable":
-        """x -> class probabilities of the shared expert (the trunk network's own head) alone."""
-        return self.head_on_trunk(self.trunk)
-
     def head_on_trunk(self, net: nn.Module) -> "callable":
         """x -> class probabilities of ``net``'s head on the shared trunk's output."""
         return lambda x: F.softmax(net.classifier(net.head_features(self.trunk.trunk(x))), dim=1)
+
+    def pool_outputs(self, x: torch.Tensor) -> torch.Tensor:
+        """The gate's K probabilities, then each expert alone, then the shared expert alone when
+        it is on, side by side (images x (K + (E [+ 1]) x C)), the shared trunk run once for all
+        (diagnostics: ``split_pool_outputs`` takes them apart)."""
+        h = self.trunk.trunk(x) if self.trunk is not None else None
+        nets = [self.expert[str(k)] for k in self.expert_ids]
+        if self.shared_expert_weight > 0:
+            nets.append(self.trunk)
+        probs = [F.softmax(net(x) if h is None else net.classifier(net.head_features(h)), dim=1) for net in nets]
+        return torch.cat([self.gate_probs(x, h)] + probs, dim=1)
 
     def load_balance_loss(self) -> torch.Tensor:
         nets = list(self.expert.values()) + ([self.trunk] if self.trunk is not None else [])
@@ -231,3 +238,12 @@ def build_client_model(cfg: ExperimentConfig, num_classes: int, arrays: Mapping[
     if private:
         model.load_private(private)
     return model.to(device)
+
+
+def split_pool_outputs(outputs: torch.Tensor, num_experts: int, num_classes: int
+                       ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
+    """``FedCoEModel.pool_outputs`` as (gate, [each expert's probabilities], the shared expert's or None)."""
+    gate, rest = outputs[:, :num_experts], outputs[:, num_experts:]
+    probs = list(rest.split(num_classes, dim=1))
+    shared = probs.pop() if len(probs) > num_experts else None
+    return gate, probs, shared

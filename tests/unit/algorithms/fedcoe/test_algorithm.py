@@ -421,7 +421,13 @@ def test_class_map_routing_scores_the_gate_against_the_map_and_routes_by_it():
     found = class_map_routing(class_expert, gate, experts, y, 0.0, None)
     assert found == {"gate_routing_accuracy": 0.5, "oracle_routing_global_accuracy": 0.75}
     shared = eye[[3, 3, 3, 3]]  # a shared expert at weight 0.6 that always says class 3 outvotes the heads
-    assert class_map_routing(class_expert, gate, experts, y, 0.6, shared)["oracle_routing_global_accuracy"] == 0.25
+    found = class_map_routing(class_expert, gate, experts, y, 0.6, shared)
+    assert found["oracle_routing_global_accuracy"] == 0.25 and found["shared_expert_global_accuracy"] == 0.25
+    # at weight 0.4 the heads decide; the shared expert's class 3 routes every image to expert 1
+    shared = torch.tensor([[0.1, 0.0, 0.0, 0.9]] * 4)
+    found = class_map_routing(class_expert, gate, experts, y, 0.4, shared)
+    assert found["shared_routing_global_accuracy"] == 0.25  # expert 1 (right on image 2 alone)
+    assert found["oracle_routing_global_accuracy"] == 0.75
 
 
 def test_class_groups_from_received_uploads_the_received_pools_confusions(make_cfg, cpu):

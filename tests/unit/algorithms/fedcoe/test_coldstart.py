@@ -146,3 +146,27 @@ def test_coldstart_reports_em_with_both_priors_when_they_differ(make_cfg, cpu):
     uniform_cfg = cfg.replace(coldstart_prior="uniform")
     assert TRAIN_PRIOR not in algo.coldstart_payload(state, uniform_cfg)[0]
     torch.testing.assert_close(training_prior(arrays, uniform_cfg, 4), torch.full((4,), 0.25))
+
+
+def test_configured_coldstart_starts_em_from_the_evaluations_predicted_prior(make_cfg, cpu):
+    """The configured adaptation (what an onboarded node keeps) and the reported EM variant use
+    the same prior: the one the evaluation predicted and sent, not the package's own."""
+    from fedcoe_flwr.algorithms.adaptation import TRAIN_PRIOR_KEY
+    from fedcoe_flwr.algorithms.fedcoe.coldstart import adapt_new_client
+
+    cfg = make_cfg(num_experts=2, norm="group")
+    algo = FedCoE()
+    state = algo.init_state(cfg, 4)
+    state.extra["train_prior"] = np.array([0.4, 0.3, 0.2, 0.1])
+    arrays, config = algo.coldstart_payload(state, cfg)
+    data = load_client_data(cfg, cfg.num_clients)
+    predicted = [0.1, 0.1, 0.1, 0.7]
+    out = algo.client_coldstart(ClientStep(arrays=arrays, config={**config, TRAIN_PRIOR_KEY: predicted}, data=data,
+                                           cfg=cfg, num_classes=4, device=cpu, private=None))
+    assert out["coldstart_accuracy"] == out["coldstart_accuracy_em"]
+    new = adapt_new_client(arrays, data.train_x, cfg, 4, cpu, torch.tensor(predicted))
+    torch.testing.assert_close(new.train_prior, torch.tensor(predicted))
+    assert not torch.allclose(adapt_new_client(arrays, data.train_x, cfg, 4, cpu).train_prior, new.train_prior)
+    uniform = adapt_new_client(arrays, data.train_x, cfg.replace(coldstart_prior="uniform"), 4, cpu,
+                               torch.tensor(predicted))
+    torch.testing.assert_close(uniform.train_prior, torch.full((4,), 0.25))

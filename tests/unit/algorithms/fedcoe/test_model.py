@@ -82,3 +82,24 @@ def test_shared_expert_is_the_trunks_head_shared_and_mixed_in_with_its_weight(ma
         torch.testing.assert_close(shared.mixture(x)[0], 0.75 * plain.mixture(x)[0] + 0.25 * own)
     state = FedCoE().init_state(cfg.replace(shared_expert_weight=0.25), 4)
     assert head_keys <= set(state.arrays)  # the server starts it and averages it like the trunk
+
+
+def test_pool_outputs_are_the_gate_each_expert_and_the_shared_expert_alone(make_cfg):
+    """One trunk pass gives what the diagnostics score: the gate, each expert alone and the
+    shared expert alone, equal to computing each on its own (with and without a shared trunk)."""
+    from fedcoe_flwr.algorithms.fedcoe.model import split_pool_outputs
+
+    x = torch.randn(5, 3, 16, 16)
+    for overrides in ({"shared_trunk": True, "shared_expert_weight": 0.25},
+                      {"shared_trunk": False, "shared_expert_weight": 0.0, "gate_input": "image"}):
+        cfg = make_cfg(num_experts=3, norm="group", **overrides)
+        model = FedCoEModel(cfg, 4, [0, 1, 2], with_private=False).eval()
+        with torch.no_grad():
+            gate, experts, shared = split_pool_outputs(model.pool_outputs(x), 3, 4)
+            torch.testing.assert_close(gate, model.gate_probs(x))
+            for k in range(3):
+                torch.testing.assert_close(experts[k], model.expert_alone(k)(x))
+            if cfg.shared_expert_weight > 0:
+                torch.testing.assert_close(shared, model.head_on_trunk(model.trunk)(x))
+            else:
+                assert shared is None
