@@ -16,8 +16,10 @@ from .data import DataError
 from .server.callbacks.checkpoint import CheckpointError
 from .server.nodes import FederationError
 from .server.onboarding import OnboardingError
+from .server.run_dir import RunInUseError
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, FederationError, OnboardingError, NodeConfigError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, FederationError, OnboardingError, NodeConfigError,
+               RunInUseError)
 DEBUG_ENV = "FEDCOE_DEBUG"
 DEBUG_HINT = f"(set {DEBUG_ENV}=1 for the traceback)"
 

@@ -27,11 +27,12 @@ def clear_data_caches() -> None:
 
 @pytest.fixture
 def make_cfg(tmp_path):
-    """make_cfg(**overrides) -> a validated tiny ExperimentConfig whose data cache
-    lives in this test's tmp_path (so no test sees another's cached arrays)."""
+    """make_cfg(**overrides) -> a validated tiny ExperimentConfig whose data cache and results
+    folder live in this test's tmp_path (so no test sees another's cached arrays, and none
+    moves a run of the same name in the working directory aside)."""
 
     def make(**overrides) -> ExperimentConfig:
-        values = {**TINY, "cache_dir": str(tmp_path / "cache"), **overrides}
+        values = {**TINY, "cache_dir": str(tmp_path / "cache"), "results_dir": str(tmp_path / "results"), **overrides}
         return from_dict(values)
 
     return make

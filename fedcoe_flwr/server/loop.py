@@ -311,6 +311,7 @@ class RoundLoop:
                 signal.signal(signal.SIGTERM, previous_handler)
             for callback in self.callbacks:
                 callback.on_end(self, status)
+            self.run_dir.release()
         log(INFO, "[fedcoe] finished: results in %s", self.run_dir.path)
         return self.history[-1] if self.history else {}
 

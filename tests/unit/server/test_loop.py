@@ -98,6 +98,7 @@ def test_resume_restores_state_tensors_exactly(tmp_path):
     strategy.aggregate_train(1, fake_replies(strategy, 1))
     strategy.round = 1
     path = strategy.checkpoints.save(strategy.checkpoint_payload(), 1)
+    strategy.run_dir.release()  # its process has ended
     resumed = make_strategy(cfg.replace(resume=True))
     resumed.restore(load_checkpoint(path))
     assert resumed.round == 1
@@ -113,6 +114,7 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
     cfg = tiny_cfg(tmp_path, algorithm="fedcoe")
     strategy = make_strategy(cfg)
     payload = strategy.checkpoint_payload()
+    strategy.run_dir.release()  # its process has ended
     with pytest.raises(FederationError, match="num_experts"):
         make_strategy(cfg.replace(num_experts=4, resume=True)).restore(payload)
 
@@ -145,6 +147,7 @@ def test_resume_skips_a_corrupt_checkpoint_and_names_it(tmp_path):
     strategy.round = 2
     bad = strategy.checkpoints.save(strategy.checkpoint_payload(), 2)
     bad.write_bytes(bad.read_bytes()[:100])  # truncated
+    strategy.run_dir.release()  # its process has ended
     resumed = make_strategy(cfg.replace(resume=True))
     resumed.resume_point()
     assert resumed.round == 1
