@@ -32,11 +32,14 @@ def lock_folder(path: Path) -> IO[str] | None:
     return handle
 
 
-def holder_of(path: Path) -> str:
+def in_use(path: Path) -> RunInUseError:
+    """The error for a run folder another live process holds, naming that process."""
     try:
-        return (path / LOCK_FILE).read_text().strip() or "unknown"
+        holder = (path / LOCK_FILE).read_text().strip() or "unknown"
     except OSError:
-        return "unknown"
+        holder = "unknown"
+    return RunInUseError(f"run '{path.name}' in {path.parent} is in use by a live run ({holder}): "
+                         "wait for it to end, or give this run another run_name")
 
 
 class RunDirectory:
@@ -49,9 +52,7 @@ class RunDirectory:
         if self.path.is_dir() and (self.path / LOCK_FILE).exists():
             probe = lock_folder(self.path)
             if probe is None:
-                raise RunInUseError(
-                    f"run '{cfg.resolved_run_name}' in {results} is in use by a live run ({holder_of(self.path)}): "
-                    f"wait for it to end, or give this run another run_name")
+                raise in_use(self.path)
             probe.close()
         if not (cfg.resume or cfg.resume_from) and self.path.exists() and any(self.path.iterdir()):
             stamp = f"{self.path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -65,8 +66,7 @@ class RunDirectory:
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock = lock_folder(self.path)
         if self._lock is None:  # another run took the folder between the check and now
-            raise RunInUseError(f"run '{cfg.resolved_run_name}' in {results} is in use by a live run "
-                                f"({holder_of(self.path)}): give this run another run_name")
+            raise in_use(self.path)
         self._lock.truncate(0)
         self._lock.write(f"process {os.getpid()} on {os.uname().nodename}, since "
                          f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")

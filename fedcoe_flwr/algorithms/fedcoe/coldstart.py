@@ -91,7 +91,7 @@ def coldstart_evaluate(arrays: Mapping[str, torch.Tensor], data: ClientData, cfg
                        ) -> dict[str, Any]:
     """A new client's model from the pool, adapted with unlabeled data only (its local
     train split with labels unused), scored on its local test split: the configured
-    adaptation (``adapt_new_client``, with the prior the package carries) and every method's
+    adaptation (``adapt_new_client``) and every method's
     label-free variants (``adaptation.label_free_scores``), both with ``train_prior``, the prior
     the evaluation predicted (the package's when None)."""
     unlabeled = data.train_x if len(data.train_x) else data.test_x
