@@ -132,6 +132,8 @@ def test_onboard_strategy_detects_a_joining_node_and_lets_it_train(sites, tmp_pa
     replies = grid.send_and_receive(list(strategy.configure_train(1)))
     strategy.aggregate_train(1, replies)
     strategy.round = 1
+    strategy.evaluate(grid, 1)  # its predicted training prior goes with the package to a new site
+    predicted = strategy.history[-1]["predicted_train_prior"]
     # a new site joins: the folder of training site 0 (it has train/ images), no site-id
     grid.contexts[200] = context({"data-dir": str(folders.training[0]), "cold-start": True,
                                   "site-name": "hospital-x", "state-dir": str(tmp_path / "x")}, node_id=200)
@@ -145,6 +147,8 @@ def test_onboard_strategy_detects_a_joining_node_and_lets_it_train(sites, tmp_pa
                                       "metrics": sorted([*entry["metrics"], "routing_row"])}
     assert entry["profile"]["partition-id"] == -1 and entry["profile"]["site"] == "hospital-x"
     assert onboard.read_registry(strategy.run_dir.path) == [entry]
+    (package_msg,) = [m for m in grid.sent if m.metadata.message_type == "query.onboard"]
+    assert list(package_msg.content.config_records[CONFIG][TRAIN_PRIOR_KEY]) == pytest.approx(predicted)
     assert strategy.check_new_nodes(grid, 1, "again") == []  # known now
     msgs = list(strategy.configure_train(2))
     assert sorted(m.metadata.dst_node_id for m in msgs) == [100, 101, 102, 200]
