@@ -47,6 +47,11 @@ def load_network_part(net: nn.Module, arrays: Mapping[str, torch.Tensor], part: 
                        f"unexpected {unexpected[:3]}")
 
 
+def head_probs(net: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """Class probabilities of ``net``'s head on the shared trunk's output ``h``."""
+    return F.softmax(net.classifier(net.head_features(h)), dim=1)
+
+
 def build_gate(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
     """The shared gate: over the image, or (``gate_input: trunk``, ``trunk_flat``) over the shared
     trunk's feature map, which the gate then helps train and which already encodes the class."""
@@ -165,7 +170,7 @@ class FedCoEModel(nn.Module):
 
     def head_on_trunk(self, net: nn.Module) -> "callable":
         """x -> class probabilities of ``net``'s head on the shared trunk's output."""
-        return lambda x: F.softmax(net.classifier(net.head_features(self.trunk.trunk(x))), dim=1)
+        return lambda x: head_probs(net, self.trunk.trunk(x))
 
     def pool_outputs(self, x: torch.Tensor) -> torch.Tensor:
         """The gate's K probabilities, then each expert alone, then the shared expert alone when
@@ -175,7 +180,7 @@ class FedCoEModel(nn.Module):
         nets = [self.expert[str(k)] for k in self.expert_ids]
         if self.shared_expert_weight > 0:
             nets.append(self.trunk)
-        probs = [F.softmax(net(x) if h is None else net.classifier(net.head_features(h)), dim=1) for net in nets]
+        probs = [F.softmax(net(x), dim=1) if h is None else head_probs(net, h) for net in nets]
         return torch.cat([self.gate_probs(x, h)] + probs, dim=1)
 
     def load_balance_loss(self) -> torch.Tensor:
