@@ -29,9 +29,11 @@ def _norm(kind: str, channels: int) -> nn.Module:
 class SmallCNN(nn.Module):
     """Two conv + two FC layers (McMahan et al.; FedMoE-DA's CNN). Parameter groups by
     prefix: ``conv1`` (FedMoE-DA's embedding), ``conv1``+``conv2`` (FedPer's body),
-    ``fc1``+``fc2`` (FedPer's head)."""
+    ``fc1``+``fc2`` (FedPer's head). ``trunk(x)`` runs the first ``trunk_convs`` convolutions
+    and ``head_features`` the rest (FedCoE's split between its shared trunk and its experts)."""
 
-    def __init__(self, num_classes: int, image_size: int = 32, width: float = 1.0, hidden: int = 0):
+    def __init__(self, num_classes: int, image_size: int = 32, width: float = 1.0, hidden: int = 0,
+                 trunk_convs: int = 2):
         super().__init__()
         c1, c2, hidden = int(32 * width), int(64 * width), hidden or int(512 * width)
         self.conv1 = nn.Conv2d(3, c1, 5)
@@ -40,23 +42,45 @@ class SmallCNN(nn.Module):
         self.fc1 = nn.Linear(c2 * side * side, hidden)
         self.classifier = nn.Linear(hidden, num_classes)
         self.feature_dim = hidden
-        self.trunk_channels = c2
+        self.trunk_convs = trunk_convs
 
-    trunk_prefixes = ("conv1.", "conv2.")  # FedCoE's shared trunk: the convolutions
+    @property
+    def convs(self) -> tuple[nn.Conv2d, nn.Conv2d]:
+        return self.conv1, self.conv2
+
+    @property
+    def trunk_prefixes(self) -> tuple[str, ...]:
+        """FedCoE's shared trunk: the first ``trunk_convs`` convolutions."""
+        return ("conv1.", "conv2.")[:self.trunk_convs]
+
+    @property
+    def trunk_channels(self) -> int:
+        return self.convs[self.trunk_convs - 1].out_channels
+
+    def conv_block(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        return F.max_pool2d(F.relu(self.convs[index](x)), 2)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return F.max_pool2d(F.relu(self.conv1(x)), 2)
+        return self.conv_block(0, x)
 
     def features_from_embedding(self, h: torch.Tensor) -> torch.Tensor:
-        return self.head_features(self.trunk_from_embedding(h))
+        return self.dense_features(self.trunk_from_embedding(h))
 
     def trunk_from_embedding(self, h: torch.Tensor) -> torch.Tensor:
-        return F.max_pool2d(F.relu(self.conv2(h)), 2)
+        return self.conv_block(1, h)
 
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
-        return self.trunk_from_embedding(self.embed(x))
+        for index in range(self.trunk_convs):
+            x = self.conv_block(index, x)
+        return x
 
     def head_features(self, h: torch.Tensor) -> torch.Tensor:
+        for index in range(self.trunk_convs, len(self.convs)):
+            h = self.conv_block(index, h)
+        return self.dense_features(h)
+
+    def dense_features(self, h: torch.Tensor) -> torch.Tensor:
+        """The FC layers' features from the last convolution's output."""
         return F.relu(self.fc1(h.flatten(1)))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -74,7 +98,7 @@ class LeNetCNN(SmallCNN):
     16 channels of 5x5, each with ReLU and 2x2 max-pool, FC 120 and 84, then the classes.
     The same parameter groups as SmallCNN, plus ``fc2`` in the head."""
 
-    def __init__(self, num_classes: int, image_size: int = 32, width: float = 1.0):
+    def __init__(self, num_classes: int, image_size: int = 32, width: float = 1.0, trunk_convs: int = 2):
         nn.Module.__init__(self)
         c1, c2 = int(6 * width), int(16 * width)
         hidden1, hidden2 = int(120 * width), int(84 * width)
@@ -85,9 +109,9 @@ class LeNetCNN(SmallCNN):
         self.fc2 = nn.Linear(hidden1, hidden2)
         self.classifier = nn.Linear(hidden2, num_classes)
         self.feature_dim = hidden2
-        self.trunk_channels = c2
+        self.trunk_convs = trunk_convs
 
-    def head_features(self, h: torch.Tensor) -> torch.Tensor:
+    def dense_features(self, h: torch.Tensor) -> torch.Tensor:
         return F.relu(self.fc2(F.relu(self.fc1(h.flatten(1)))))
 
 
@@ -222,16 +246,17 @@ class GateMLP(nn.Module):
         return self.out(F.relu(self.hidden(h.flatten(1))))
 
 
-def build_expert(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
+def build_expert(cfg: ExperimentConfig, num_classes: int, trunk_convs: int = 2) -> nn.Module:
+    """The config's network; ``trunk_convs``: how many of a CNN's convolutions ``trunk`` runs."""
     if cfg.model == "resnet_moe":
         return ResNetMoE(num_classes, cfg)
     if cfg.model == "lenet":
-        return LeNetCNN(num_classes, cfg.image_size, cfg.width_multiplier)
-    return small_cnn(cfg, num_classes)
+        return LeNetCNN(num_classes, cfg.image_size, cfg.width_multiplier, trunk_convs)
+    return small_cnn(cfg, num_classes, trunk_convs)
 
 
-def small_cnn(cfg: ExperimentConfig, num_classes: int) -> SmallCNN:
-    return SmallCNN(num_classes, cfg.image_size, cfg.width_multiplier, cfg.cnn_hidden)
+def small_cnn(cfg: ExperimentConfig, num_classes: int, trunk_convs: int = 2) -> SmallCNN:
+    return SmallCNN(num_classes, cfg.image_size, cfg.width_multiplier, cfg.cnn_hidden, trunk_convs)
 
 
 def num_parameters(module: nn.Module) -> int:

@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 
 from ...config import ExperimentConfig
-from ...models import build_expert
 from ..base import Algorithm, ClientStep, Predictor, Reply, ServerState
 from ..training import (Arrays, LocalTask, Trained, module_anchors, nll_of_probs, predict_probs, prefixed,
                         proximal_term, seeded_init, state_of, unprefixed, weighted_average)
@@ -34,7 +33,7 @@ from ..specialisation import KEYS as SPECIALISATION_KEYS
 from ..specialisation import plot_specialisation, specialisation
 from .coldstart import NewClientModel, adapt_new_client, coldstart_evaluate, pool_model
 from .model import (CLASS_COOCCURRENCE, CLASS_MARGINAL, CORRELATION, GATE, TRAIN_PRIOR, TRUNK, FedCoEModel, build_client_model,
-                    build_gate, expert_prefix, network_part, split_pool_outputs, trunk_part)
+                    build_gate, expert_prefix, network_part, pool_network, split_pool_outputs, trunk_part)
 from .params import FedCoEParams, experts_per_client
 from .plots import plot_correlation
 
@@ -78,11 +77,11 @@ class FedCoE(Algorithm):
         arrays = prefixed(GATE, state_of(seeded_init(lambda: build_gate(cfg, num_classes), cfg.seed)))
         part = "head" if cfg.shared_trunk else "all"
         if cfg.shared_trunk:
-            trunk = seeded_init(lambda: build_expert(cfg, num_classes), cfg.seed * 1000)
+            trunk = seeded_init(lambda: pool_network(cfg, num_classes), cfg.seed * 1000)
             arrays.update(prefixed(TRUNK, network_part(trunk, trunk_part(cfg))))
         for k in range(cfg.num_experts):
             # independent initialisations: the experts must be able to diverge
-            expert = seeded_init(lambda: build_expert(cfg, num_classes), cfg.seed * 1000 + k + 1)
+            expert = seeded_init(lambda: pool_network(cfg, num_classes), cfg.seed * 1000 + k + 1)
             arrays.update(prefixed(expert_prefix(k), network_part(expert, part)))
         extra = {
             "correlation": np.full((cfg.num_clients, cfg.num_experts), 1.0 / cfg.num_experts),

@@ -52,15 +52,20 @@ def head_probs(net: nn.Module, h: torch.Tensor) -> torch.Tensor:
     return F.softmax(net.classifier(net.head_features(h)), dim=1)
 
 
+def pool_network(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
+    """One network of the pool (the trunk's or an expert's), split at the config's trunk."""
+    return build_expert(cfg, num_classes, cfg.trunk_convs)
+
+
 def build_gate(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
     """The shared gate: over the image, or (``gate_input: trunk``, ``trunk_flat``) over the shared
     trunk's feature map, which the gate then helps train and which already encodes the class."""
     if cfg.gate_input == "trunk":
-        channels = build_expert(cfg, num_classes).trunk_channels
+        channels = pool_network(cfg, num_classes).trunk_channels
         return GateNet(cfg.num_experts, cfg.gate_width, in_channels=channels, stride=1)
     if cfg.gate_input == "trunk_flat":
         with torch.no_grad():
-            size = build_expert(cfg, num_classes).trunk(torch.zeros(1, 3, cfg.image_size, cfg.image_size)).numel()
+            size = pool_network(cfg, num_classes).trunk(torch.zeros(1, 3, cfg.image_size, cfg.image_size)).numel()
         return GateMLP(cfg.num_experts, size, 8 * cfg.gate_width)
     return GateNet(cfg.num_experts, cfg.gate_width)
 
@@ -83,11 +88,11 @@ class FedCoEModel(nn.Module):
         self.gate = build_gate(cfg, num_classes)
         self.gate_on_trunk = cfg.gate_input != "image"
         # with a shared trunk, only the trunk part of ``trunk`` and the head parts of the experts are used
-        self.trunk = build_expert(cfg, num_classes) if cfg.shared_trunk else None
+        self.trunk = pool_network(cfg, num_classes) if cfg.shared_trunk else None
         self.expert_part = "head" if cfg.shared_trunk else "all"
         self.trunk_part = trunk_part(cfg)
         self.shared_expert_weight = cfg.shared_expert_weight
-        self.expert = nn.ModuleDict({str(k): build_expert(cfg, num_classes) for k in expert_ids})
+        self.expert = nn.ModuleDict({str(k): pool_network(cfg, num_classes) for k in expert_ids})
         dim = next(iter(self.expert.values())).feature_dim
         self.local: nn.Module | None = None
         self.local_gate: nn.Module | None = None
@@ -103,7 +108,7 @@ class FedCoEModel(nn.Module):
             self.register_buffer("local_prior", torch.full((num_classes,), 1.0 / num_classes))
             self.register_buffer("train_prior", torch.full((num_classes,), 1.0 / num_classes))
         if with_private and cfg.local_part != "none":
-            self.local = nn.Linear(dim, num_classes) if cfg.local_part == "head" else build_expert(cfg, num_classes)
+            self.local = nn.Linear(dim, num_classes) if cfg.local_part == "head" else pool_network(cfg, num_classes)
             if cfg.local_gate:
                 self.local_gate = nn.Linear(dim, 1)
 

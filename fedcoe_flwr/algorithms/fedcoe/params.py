@@ -20,6 +20,9 @@ class FedCoEParams(Section):
     prox_mu: float = 0.01  # proximal term on the shared parts, as FedProx
     local_part: str = "head"
     shared_trunk: bool = True  # experts share one trunk (averaged like FedAvg) and differ in their heads
+    # how many of the CNN's two convolutions the shared trunk holds (1: each expert, and the
+    # shared expert, has its own second convolution as well as its FC layers)
+    trunk_convs: int = 2
     # the shared gate over the shared trunk's feature map ("trunk": two convolutions, pooled), over
     # it flattened ("trunk_flat": one hidden layer of 8 x gate_width, like an expert's head) or the image
     gate_input: str = "trunk"
@@ -64,6 +67,11 @@ class FedCoEParams(Section):
                 gt0=("gate_temperature",),
                 choices={"local_part": LOCAL_PARTS, "gate_input": GATE_INPUTS, "coldstart_prior": COLDSTART_PRIORS,
                          "assignment_level": ASSIGNMENT_LEVELS, "class_groups_from": CLASS_GROUPS_SOURCES})
+        if self.trunk_convs not in (1, 2):
+            raise bad_value("trunk_convs", self.trunk_convs, "must be 1 or 2 (of the CNN's two convolutions)")
+        if self.trunk_convs != 2 and cfg.network.model == "resnet_moe":
+            raise bad_value("trunk_convs", self.trunk_convs,
+                            "ResNet-MoE's trunk is every stage but the last: leave trunk_convs at 2")
         if self.local_part == "expert_head" and not self.shared_trunk:
             raise bad_value("local_part", self.local_part,
                             "'expert_head' sits on the shared trunk: set shared_trunk=true (or use 'head')")

@@ -191,15 +191,18 @@ def client_model(algo, payload, config, private, cfg, cpu):
     return predict, model
 
 
-def test_shared_trunk_payload_holds_one_trunk_and_expert_heads(make_cfg, cpu):
-    cfg = make_cfg(model="cnn", shared_trunk=True, num_experts=3, norm="none")
+@pytest.mark.parametrize("trunk_convs", [2, 1])
+def test_shared_trunk_payload_holds_one_trunk_and_expert_heads(make_cfg, cpu, trunk_convs):
+    cfg = make_cfg(model="cnn", shared_trunk=True, num_experts=3, norm="none", trunk_convs=trunk_convs)
     algo = FedCoE()
     state = algo.init_state(cfg, 4)
+    convs = [f"conv{i}" for i in (1, 2)]
     trunk_keys = {k for k in state.arrays if k.startswith("trunk.")}
-    assert trunk_keys == {"trunk.conv1.weight", "trunk.conv1.bias", "trunk.conv2.weight", "trunk.conv2.bias"}
-    for k in range(3):  # heads only: fc1 and the classifier, never a convolution
+    assert trunk_keys == {f"trunk.{c}.{p}" for c in convs[:trunk_convs] for p in ("weight", "bias")}
+    for k in range(3):  # heads: fc1, the classifier and the convolutions after the trunk's
         keys = {key[len(expert_prefix(k)):] for key in state.arrays if key.startswith(expert_prefix(k))}
-        assert keys == {"fc1.weight", "fc1.bias", "classifier.weight", "classifier.bias"}
+        assert keys == {f"{layer}.{p}" for layer in convs[trunk_convs:] + ["fc1", "classifier"]
+                        for p in ("weight", "bias")}
     payload, config = algo.train_payload(state, cfg, 0, 1)
     data = load_client_data(cfg, 0)
     upload, _, metrics = algo.client_train(ClientStep(arrays=payload, config=config, private=None, data=data, cfg=cfg, num_classes=4, device=cpu, seed=3))
@@ -279,10 +282,11 @@ def test_expert_head_needs_the_shared_trunk(make_cfg):
         make_cfg(model="cnn", local_part="expert_head")
 
 
-@pytest.mark.parametrize("model", ["cnn", "resnet_moe"])
+@pytest.mark.parametrize("model, trunk_convs", [("cnn", 2), ("cnn", 1), ("resnet_moe", 2)])
 @pytest.mark.parametrize("gate_input", ["trunk", "trunk_flat"])
-def test_gate_on_trunk_routes_on_the_trunks_features_and_trains_it(make_cfg, cpu, model, gate_input):
-    cfg = make_cfg(model=model, shared_trunk=True, gate_input=gate_input, num_experts=3, norm="none")
+def test_gate_on_trunk_routes_on_the_trunks_features_and_trains_it(make_cfg, cpu, model, trunk_convs, gate_input):
+    cfg = make_cfg(model=model, shared_trunk=True, gate_input=gate_input, num_experts=3, norm="none",
+                   trunk_convs=trunk_convs)
     algo = FedCoE()
     state = algo.init_state(cfg, 4)
     net = FedCoEModel(cfg, 4, [0, 1, 2], with_private=False)
@@ -305,6 +309,14 @@ def test_gate_on_trunk_routes_on_the_trunks_features_and_trains_it(make_cfg, cpu
     net.gate_probs(x)[:, 0].sum().backward()
     first = next(p for name, p in net.trunk.named_parameters() if name.startswith(net.trunk.trunk_prefixes))
     assert first.grad is not None and first.grad.abs().sum() > 0  # the trunk's first convolution
+
+
+@pytest.mark.parametrize("values, message", [({"trunk_convs": 3}, "trunk_convs.*3.*must be 1 or 2"),
+                                             ({"trunk_convs": 1, "model": "resnet_moe"}, "trunk_convs.*leave")])
+def test_trunk_convs_is_checked(make_cfg, values, message):
+    from fedcoe_flwr.config import ConfigError
+    with pytest.raises(ConfigError, match=message):
+        make_cfg(**values)
 
 
 def test_gate_on_trunk_needs_the_shared_trunk(make_cfg):
