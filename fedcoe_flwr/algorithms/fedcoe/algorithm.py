@@ -33,7 +33,8 @@ from ..specialisation import KEYS as SPECIALISATION_KEYS
 from ..specialisation import plot_specialisation, specialisation
 from .coldstart import NewClientModel, adapt_new_client, coldstart_evaluate, pool_model
 from .model import (CLASS_COOCCURRENCE, CLASS_MARGINAL, CORRELATION, GATE, TRAIN_PRIOR, TRUNK, FedCoEModel, build_client_model,
-                    build_gate, expert_prefix, network_part, pool_network, split_pool_outputs, trunk_part)
+                    build_gate, expert_prefix, network_part, pool_network, split_pool_outputs, trunk_part,
+                    with_shared_expert)
 from .params import FedCoEParams, experts_per_client
 from .plots import plot_correlation
 
@@ -343,7 +344,7 @@ def class_map_routing(class_expert: Any, gate: torch.Tensor, experts: list[torch
     def mixture_accuracy(weights: torch.Tensor) -> float:  # weights: images x K
         probs = (weights[:, :, None] * stacked).sum(1)
         if shared is not None:
-            probs = (1 - shared_weight) * probs + shared_weight * shared.cpu()
+            probs = with_shared_expert(probs, shared.cpu(), shared_weight)
         return float((probs.argmax(1) == y).float().mean())
 
     out = {"gate_routing_accuracy": float((gate.cpu().argmax(1) == target).float().mean()),
@@ -375,7 +376,7 @@ def routing_targets(model: FedCoEModel, x: torch.Tensor, y: torch.Tensor, level:
     ids = torch.as_tensor(model.expert_ids, device=x.device)
     if level == "label_split":
         return ids[y % len(ids)]
-    probs = [model.expert_alone(k)(x) for k in model.expert_ids]
+    probs, _ = model.experts_alone(x)
     label_logp = torch.stack([p.gather(1, y[:, None]).squeeze(1) for p in probs], 1).clamp_min(1e-12).log()
     if level == "sample":
         return ids[label_logp.argmax(1)]

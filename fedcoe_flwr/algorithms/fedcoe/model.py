@@ -57,6 +57,11 @@ def pool_network(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
     return build_expert(cfg, num_classes, cfg.trunk_convs)
 
 
+def with_shared_expert(routed: torch.Tensor, shared: torch.Tensor, weight: float) -> torch.Tensor:
+    """The routed experts' blend mixed with the shared expert's output at its weight."""
+    return (1 - weight) * routed + weight * shared
+
+
 def build_gate(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
     """The shared gate: over the image, or (``gate_input: trunk``, ``trunk_flat``) over the shared
     trunk's feature map, which the gate then helps train and which already encodes the class."""
@@ -139,8 +144,8 @@ class FedCoEModel(nn.Module):
             feats = feats + w * f
         if self.shared_expert_weight > 0:
             f, w = self.trunk.head_features(h), self.shared_expert_weight
-            probs = (1 - w) * probs + w * F.softmax(self.trunk.classifier(f), dim=1)
-            feats = (1 - w) * feats + w * f
+            probs = with_shared_expert(probs, F.softmax(self.trunk.classifier(f), dim=1), w)
+            feats = with_shared_expert(feats, f, w)
         return probs, feats  # type: ignore[return-value]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,15 +182,22 @@ class FedCoEModel(nn.Module):
         """x -> class probabilities of ``net``'s head on the shared trunk's output."""
         return lambda x: head_probs(net, self.trunk.trunk(x))
 
+    def experts_alone(self, x: torch.Tensor, with_shared: bool = False
+                      ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Class probabilities of each of the client's experts on its own (and of the shared
+        expert after them, ``with_shared`` and when it is on), the shared trunk run once for
+        all; and the trunk's output (None without a shared trunk)."""
+        h = self.trunk.trunk(x) if self.trunk is not None else None
+        nets = [self.expert[str(k)] for k in self.expert_ids]
+        if with_shared and self.shared_expert_weight > 0:
+            nets.append(self.trunk)
+        return [F.softmax(net(x), dim=1) if h is None else head_probs(net, h) for net in nets], h
+
     def pool_outputs(self, x: torch.Tensor) -> torch.Tensor:
         """The gate's K probabilities, then each expert alone, then the shared expert alone when
         it is on, side by side (images x (K + (E [+ 1]) x C)), the shared trunk run once for all
         (diagnostics: ``split_pool_outputs`` takes them apart)."""
-        h = self.trunk.trunk(x) if self.trunk is not None else None
-        nets = [self.expert[str(k)] for k in self.expert_ids]
-        if self.shared_expert_weight > 0:
-            nets.append(self.trunk)
-        probs = [F.softmax(net(x), dim=1) if h is None else head_probs(net, h) for net in nets]
+        probs, h = self.experts_alone(x, with_shared=True)
         return torch.cat([self.gate_probs(x, h)] + probs, dim=1)
 
     def load_balance_loss(self) -> torch.Tensor:
