@@ -5,18 +5,31 @@ the gate re-weighted toward the experts whose classes EM's prior holds (through 
 and routing by that prior alone. Needs a run with ``assignment_level=class_groups``.
 
     python scripts/coldstart_variants_of_run.py results/<run>/checkpoints/round-00015.pt"""
+import argparse
 import sys
 from pathlib import Path
-import numpy as np, torch
+
+import numpy as np
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fedcoe_flwr.config import from_dict
 from fedcoe_flwr.data import load_client_data, federation_classes
 from fedcoe_flwr.algorithms.fedcoe.coldstart import pool_model
+from fedcoe_flwr.algorithms.fedcoe.model import split_pool_outputs, with_shared_expert
 from fedcoe_flwr.algorithms.adaptation import em_label_prior, prior_correct, federation_prior
 from fedcoe_flwr.algorithms.training import predict_probs
-from fedcoe_flwr.server.onboarding import load_served_checkpoint
+from fedcoe_flwr.server.onboarding import OnboardingError, load_served_checkpoint
 
-payload, path, _ = load_served_checkpoint(sys.argv[1])
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("checkpoint", help="a FedCoE run's folder or one of its checkpoints/round-*.pt")
+args = parser.parse_args()
+try:
+    payload, path, _ = load_served_checkpoint(args.checkpoint)
+except OnboardingError as err:
+    raise SystemExit(f"error: {err}") from None
+if "class_expert" not in payload["extra"]:
+    raise SystemExit(f"error: {path} has no class map (not a FedCoE run with assignment_level=class_groups)")
 cfg = from_dict(payload["config"]); dev = torch.device("cpu")
 C = len(federation_classes(cfg)); K = cfg.num_experts
 model = pool_model(payload["arrays"], cfg, C, dev)
@@ -26,20 +39,14 @@ print(path.name, "map", cmap.tolist())
 
 def outputs(x):
     """gate (n,K), experts (K,n,C), shared (n,C)"""
-    def f(b):
-        probs, h = model.experts_alone(b, with_shared=True)
-        return torch.cat([model.gate_probs(b, h)] + probs, 1)
-    out = predict_probs(f, x, cfg, dev)
-    g = out[:, :K]; rest = out[:, K:].reshape(len(x), K + 1, C)
-    return g, rest[:, :K].permute(1, 0, 2), rest[:, K]
+    g, experts, shared = split_pool_outputs(predict_probs(model.pool_outputs, x, cfg, dev), K, C)
+    return g, torch.stack(experts), shared
 
 def mix(g, e, s, w=None, gamma=1.0):
     if w is not None:
         g = g * w.clamp_min(1e-6) ** gamma
     g = g / g.sum(1, keepdim=True)
-    routed = torch.einsum("nk,knc->nc", g, e)
-    a = cfg.shared_expert_weight
-    return (1 - a) * routed + a * s
+    return with_shared_expert(torch.einsum("nk,knc->nc", g, e), s, cfg.shared_expert_weight)
 
 train_ids = range(cfg.num_clients); cold = range(cfg.num_clients, cfg.num_partitions)
 rows, ns, erows = [], [], []
@@ -71,8 +78,7 @@ for i in cold:
             for _ in range(iters):
                 pu = mix(gu, eu, su, w, gamma); p = em_label_prior(pu, tp); w = p @ M
             score(f"gate x prior g{gamma} it{iters}", prior_correct(mix(gt, et, st, w, gamma), p, tp), d.test_y)
-    e2u, s2u = corrected(eu, su, pi); e2t, s2t = corrected(et, st, pi)
-    score("em_per_expert", mix(gt, e2t, s2t), d.test_y)
+    score("em_per_expert", mix(gt, *corrected(et, st, pi)), d.test_y)
     p = pi
     for _ in range(3):  # EM on the per-expert-corrected mixture: pi <- mean posterior
         e2u, s2u = corrected(eu, su, p); p = mix(gu, e2u, s2u).mean(0)
@@ -81,8 +87,7 @@ for i in cold:
     for gamma in (0.5, 1.0, 2.0):
         score(f"em_per_expert + gate x prior g{gamma}", mix(gt, e2t, s2t, p @ M, gamma), d.test_y)
     # client-level routing only (no per-sample gate)
-    ones_u = torch.ones_like(gu); ones_t = torch.ones_like(gt)
-    pu = mix(ones_u, eu, su, w0); p = em_label_prior(pu, tp)
-    score("client_route", prior_correct(mix(ones_t, et, st, w0), p, tp), d.test_y)
+    p = em_label_prior(mix(torch.ones_like(gu), eu, su, w0), tp)
+    score("client_route", prior_correct(mix(torch.ones_like(gt), et, st, w0), p, tp), d.test_y)
 for k, (c, n) in res.items():
     print(f"{k:28s} {100 * c / n:6.2f}")
