@@ -1,7 +1,8 @@
 """Real SuperLink + SuperNode processes over gRPC on 127.0.0.1 (TLS + node auth, the
 SuperLink's state in SQLite): rounds complete, an unregistered key is refused, a killed SuperNode
 is left out while a restarted one gets its private state back, a killed SuperLink comes back
-from its database and the run resumes."""
+from its database and the run resumes. The first two read the shared trained federation
+(conftest.federation)."""
 
 from __future__ import annotations
 
@@ -9,109 +10,46 @@ import json
 import os
 import time
 from pathlib import Path
+
 import pytest
 import torch
-from harness import make_certs
+from loopback import diagnosis, node_log, start_deployment, wait_for_node_log
 
 from fedcoe_flwr.client.private_state import state_checksum, state_paths, version_path
 from tools.deploy.deployment import LocalDeployment
 from tools.deploy.processes import marked_processes
 from tools.deploy.results import metrics_lines, round_lines, run_status
-# ------------------------------------------------------------------ real processes on loopback
-# one evaluation, after the last round: an evaluation is three exchanges, each a ClientApp process per node
-SMOKE = {"num_rounds": 2, "eval_every": 2, "round_timeout": 300.0, "wait_for_nodes": 120.0, "min_reply_fraction": 0.5}
-
-
-def start_deployment(tmp: Path, certs: Path, run_name: str, unregistered: int = 0, num_nodes: int = 3,
-                     num_coldstart: int | None = None, **overrides) -> LocalDeployment:
-    dep = LocalDeployment(tmp / run_name, num_nodes=num_nodes, tls=True, config="configs/smoke.yaml",
-                          overrides={**SMOKE, "run_name": run_name, "results_dir": str(tmp / "results"), **overrides},
-                          num_coldstart=num_coldstart, unregistered=unregistered, certs=certs, echo=lambda line: None)
-    try:
-        dep.prepare_data()
-        dep.make_certs()
-        dep.start_superlink()
-        dep.register_all()
-        dep.start_supernodes()
-    except BaseException:
-        dep.stop_all()
-        raise
-    return dep
-
-
-def node_log(dep: LocalDeployment, index: int) -> str:
-    return dep.nodes[index].log.read_text(errors="replace")
-
-
-def wait_for_node_log(dep: LocalDeployment, index: int, text: str, count: int, timeout: float) -> None:
-    """Until the SuperNode's log holds ``text`` ``count`` times: nothing structured says when a
-    message has reached a node, and a kill must land in the middle of a round."""
-    dep.wait_until(lambda: node_log(dep, index).count(text) >= count, f"{count} x {text!r} in {dep.site_name(index)}'s log",
-                   timeout)
-
-
-def diagnosis(dep: LocalDeployment) -> str:
-    """What to read when a real-process test fails: the run's log, the SuperLink's SQLite
-    errors and the end of every SuperNode log."""
-    link = dep.superlink.log.read_text(errors="replace") if dep.superlink else ""
-    parts = ["run log:", *dep.run_lines[-40:],
-             f"SuperLink log: {link.count('database is locked')} x 'database is locked'"]
-    for index, proc in dep.nodes.items():
-        parts += [f"--- {proc.name} (alive={proc.alive()})", *node_log(dep, index).splitlines()[-8:]]
-    return "\n".join(parts)
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    return make_certs(tmp_path_factory.mktemp("certs") / "certs", 4)
-
-
-@pytest.fixture(scope="module")
-def tls_run(tmp_path_factory, certs):
-    """3 registered SuperNodes (2 training sites, 1 cold-start) + 1 SuperNode with an unregistered
-    key; a 2-round FedCoE run. Everything is stopped before the tests look at the results."""
-    tmp = tmp_path_factory.mktemp("deploy")
-    dep = start_deployment(tmp, certs, "tls", unregistered=1)
-    try:
-        dep.start_run()  # the unregistered SuperNode's refusal is awaited after the run, not before
-        status = dep.wait_run(timeout=600)
-        refused = dep.wait_refused(timeout=90)
-        nodes = dep.node_status()
-        why = diagnosis(dep)
-    finally:
-        dep.stop_all()
-    return dep, status, refused, nodes, marked_processes(dep.mark), why
 
 
 @pytest.mark.timeout(900)
-def test_three_tls_authenticated_supernodes_complete_two_fedcoe_rounds(tls_run):
-    dep, status, _, nodes, leftovers, why = tls_run
+def test_three_tls_authenticated_supernodes_complete_three_fedcoe_rounds(federation):
+    dep, status, nodes, why = federation["dep"], federation["status"], federation["nodes"], federation["why"]
     assert status == "finished:completed" and run_status(dep.results_dir) == "finished", why
     lines = metrics_lines(dep.results_dir)
-    assert [l["round"] for l in lines] == [2], why
+    assert [l["round"] for l in lines] == [3], why
     for line in lines:
         for key in ("global_accuracy", "personalized_accuracy", "coldstart_accuracy"):
             assert isinstance(line[key], float) and 0.0 <= line[key] <= 1.0, (key, line)
-    assert [r["replies"] for r in round_lines(dep.results_dir)] == [2, 2]  # both training sites, every round
+    # both training sites every round, and the new site in the round after it was onboarded
+    assert [r["replies"] for r in round_lines(dep.results_dir)] == [2, 2, 3]
     assert "Starting Fleet API (gRPC-rere) on 127.0.0.1:" in dep.superlink.log.read_text()  # loopback only, gRPC
-    # Flower's view: exactly the three registered keys, all online; the unregistered key never got in
-    assert set(nodes) == set(dep.node_ids.values()), nodes
+    # Flower's view: exactly the registered keys (the new site's too), all online; the unregistered key never got in
+    assert set(nodes) == federation["registered"] and len(nodes) == 4, nodes
     assert all(n["status"] == "online" for n in nodes.values()), nodes
     assert dep.database.is_file() and dep.database.stat().st_size > 0  # the SuperLink's state is on disk
-    assert leftovers == [], "every process the deployment started must be gone"
-    dep.report(status)
+    assert federation["leftovers"] == [], "every process the deployment started must be gone"
 
 
 @pytest.mark.timeout(900)
-def test_supernode_with_unregistered_key_is_refused_and_run_completes(tls_run):
-    dep, status, refused, _, _, why = tls_run
+def test_supernode_with_unregistered_key_is_refused_and_run_completes(federation):
+    dep, status, refused, why = federation["dep"], federation["status"], federation["refused"], federation["why"]
     (index, code), = refused.items()
     log = node_log(dep, index)
     assert code not in (None, 0), "the unregistered SuperNode must exit with an error"
     assert "Exit Code: 305" in log and "Failed to activate SuperNode" in log
     assert "No SuperNode found with the given public key" in dep.superlink.log.read_text()
     assert status == "finished:completed" and run_status(dep.results_dir) == "finished", why
-    assert "[fedcoe] 3 nodes" in "\n".join(dep.run_lines)  # the run went on with the registered three
+    assert "[fedcoe] 3 nodes" in "\n".join(federation["train_lines"])  # the run went on with the registered three
 
 
 @pytest.mark.timeout(900)
@@ -128,7 +66,9 @@ def test_killed_supernode_is_left_out_and_restarted_supernode_gets_its_private_s
     just deactivated), so one reply of three must be enough (``min_reply_fraction``)."""
     import signal
 
-    dep = start_deployment(tmp_path, certs, "faults", num_nodes=4, min_reply_fraction=0.3)
+    # round_timeout bounds the race above: a restart that swallows round 2's train message is
+    # answered by no reply at all, not by `Node Unavailable`, and the round waits it out
+    dep = start_deployment(tmp_path, certs, "faults", num_nodes=4, min_reply_fraction=0.3, round_timeout=120.0)
     try:
         dep.start_run()
         wait_for_node_log(dep, 1, "Receiving: train message", 1, 300)
@@ -186,14 +126,15 @@ def saved_time(events: list[dict], server_round: int) -> float:
 
 
 @pytest.mark.timeout(900)
-def test_superlink_killed_mid_round_comes_back_from_its_database_and_the_run_resumes(tmp_path, certs, tls_run):
-    """The TLS run's sites (two training, one cold-start), 2 rounds. Once round 2's train message has reached site 0, the
+def test_superlink_killed_mid_round_comes_back_from_its_database_and_the_run_resumes(tmp_path, certs, federation):
+    """The federation's sites (two training, one cold-start), 2 rounds. Once round 2's train message has reached site 0, the
     SuperLink and everything under it (its SuperExec, the ServerApp) get SIGKILL at once, as in
     a crash of its host. The SuperLink is started again with the same ``--database``, and
     ``flwr run ... resume=true`` continues from the round-1 checkpoint. The SuperNodes are
     never touched: they reconnect by themselves, under the node ids they were registered with.
-    The sites, data and config are the TLS run's, which was never interrupted: the resumed run's
-    server weights and each site's private parts must equal that run's."""
+    The sites, data and training config are the federation's, which was never interrupted: the
+    resumed run's server weights and each site's private parts after round 2 must equal that
+    run's (its new site joined training only in round 3)."""
     dep = start_deployment(tmp_path, certs, "relink")
     try:
         registered, pids = dict(dep.node_ids), {i: p.pid for i, p in dep.nodes.items()}
@@ -218,17 +159,18 @@ def test_superlink_killed_mid_round_comes_back_from_its_database_and_the_run_res
     assert all(alive.values()) and {i: p.pid for i, p in dep.nodes.items()} == pids  # never restarted
     # no re-registration: Flower lists exactly the ids given at registration, online
     assert set(nodes) == set(registered.values()) and all(n["status"] == "online" for n in nodes.values()), nodes
-    assert_same_final_state((dep, "relink"), (tls_run[0], "tls"))
+    assert_same_state_after_round_2((dep, "relink", dep.results_dir / "final_state.pt"),
+                                    (federation["dep"], "tls", federation["dep"].results_dir / "checkpoints" / "round-00002.pt"))
     recovered = rounds[1]["aggregated_at"] - restarted_at
     print(f"measured: SuperLink restart to the first round finished: {recovered:.1f}s")
     dep.report(status, {"restart_to_first_round_s": round(recovered, 2)})
 
 
-def assert_same_final_state(*runs: tuple[LocalDeployment, str]) -> None:
-    """Server weights (final_state.pt) and every training site's last private parts of two runs
-    agree to 1e-6: the clients compute bit for bit alike; the server's weighted sums may add the
-    replies in their order of arrival, which can move the last float bit."""
-    final = [torch.load(dep.results_dir / "final_state.pt", weights_only=True) for dep, _ in runs]
+def assert_same_state_after_round_2(*runs: tuple[LocalDeployment, str, Path]) -> None:
+    """Server weights (each run's state file of round 2) and every training site's private parts
+    of round 2 agree to 1e-6 between runs: the clients compute bit for bit alike; the server's
+    weighted sums may add the replies in their order of arrival, which can move the last float bit."""
+    final = [torch.load(state_file, weights_only=True) for _, _, state_file in runs]
     assert final[0]["round"] == final[1]["round"] == 2 and final[0]["arrays"].keys() == final[1]["arrays"].keys()
     for key, value in final[0]["arrays"].items():
         assert torch.allclose(value.float(), final[1]["arrays"][key].float(), atol=1e-6), key
@@ -236,7 +178,7 @@ def assert_same_final_state(*runs: tuple[LocalDeployment, str]) -> None:
     assert len(training_sites) == 2, training_sites
     for index in training_sites:
         parts = []
-        for dep_run, run in runs:
+        for dep_run, run, _ in runs:
             folder, _ = state_paths(dep_run.state_dir(index), run, dep_run.site_name(index))
             parts.append(torch.load(version_path(folder, 2), weights_only=True)["private"])
         assert parts[0].keys() == parts[1].keys() and parts[0], (index, list(parts[0]))
