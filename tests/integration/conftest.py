@@ -35,7 +35,7 @@ def certs(tmp_path_factory):
 @pytest.fixture(scope="session")
 def federation(tmp_path_factory, certs):
     """One TLS deployment for every test that reads a trained federation (one deployment in place
-    of three): 3 registered SuperNodes (2 training sites, 1 cold-start site) and 1 SuperNode with
+    of two): 3 registered SuperNodes (2 training sites, 1 cold-start site) and 1 SuperNode with
     an unregistered key; a 3-round FedCoE run. Once round 1 is aggregated a new site joins and
     is onboarded before round 3 (one evaluation, after the last round), then trains in round 3
     (``coldstart_join_training``). Then every SuperNode is stopped and a serving-mode run onboards
