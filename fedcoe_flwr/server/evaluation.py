@@ -27,6 +27,7 @@ from ..algorithms.training import accuracy
 from ..config import ExperimentConfig
 from ..data import load_global_test
 from ..records import ARRAYS, METRICS, from_array_record
+from .exchange import send_and_receive
 from .messages import Messenger
 from .nodes import NodeDirectory
 
@@ -80,7 +81,7 @@ class Evaluator:
                                        {**pconfig, "server_round": server_round})
                 for client in range(self.cfg.num_clients)]
         rows, weights = [], []
-        for reply in grid.send_and_receive(msgs, timeout=self.cfg.round_timeout):
+        for reply in send_and_receive(grid, msgs, self.cfg.round_timeout):
             if reply.has_error():
                 log(WARNING, "[round %d] training-prior prediction failed on a node: %s", server_round, reply.error)
                 continue
@@ -140,8 +141,8 @@ class Evaluator:
         return out
 
     def evaluate(self, grid: Grid, state: ServerState, server_round: int, has_trained: set[int]) -> dict[str, Any]:
-        replies = list(grid.send_and_receive(self.personalised_messages(state, server_round, has_trained),
-                                             timeout=self.cfg.round_timeout))
+        replies = list(send_and_receive(grid, self.personalised_messages(state, server_round, has_trained),
+                                         self.cfg.round_timeout))
         parts = None
         if self.algorithm.coldstart_needs_client_parts:
             parts = []
@@ -155,8 +156,8 @@ class Evaluator:
             package = self.algorithm.coldstart_payload(state, self.cfg, parts)
             prior = self.predicted_prior(grid, package, server_round)
             if self.cfg.num_coldstart_clients:
-                replies += list(grid.send_and_receive(self.coldstart_messages(package, server_round, prior),
-                                                      timeout=self.cfg.round_timeout))
+                replies += list(send_and_receive(grid, self.coldstart_messages(package, server_round, prior),
+                                                  self.cfg.round_timeout))
         record: dict[str, Any] = {"round": server_round}
         record.update(self.global_metrics(state, prior))
         if prior is not None:

@@ -33,6 +33,8 @@ from ..fileio import append_jsonl, read_jsonl
 from ..records import (ARRAYS, CONFIG, EXPERIMENT, METRICS, array_bytes, config_record, experiment_record,
                        tensors_crc, to_array_record)
 from .callbacks.checkpoint import CheckpointError, load_checkpoint
+from .exchange import send_and_receive
+
 REGISTRY = "onboarding.jsonl"
 # Everything a node may report back (all numbers): the routing row, counts, and its
 # cold-start accuracy under each adaptation the method reports (coldstart_accuracy_*).
@@ -157,7 +159,7 @@ class Onboarder:
             phase, len(package), array_bytes(package) / 1e3, crc, len(msgs), sorted(nodes))
         by_node: dict[int, Message] = {}
         errors: list[str] = []
-        for r in grid.send_and_receive(msgs, timeout=self.cfg.round_timeout):
+        for r in send_and_receive(grid, msgs, self.cfg.round_timeout):
             if r.has_error():  # error replies come from the SuperLink (src 1), not from the node
                 errors.append(str(r.error))
             else:

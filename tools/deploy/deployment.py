@@ -321,17 +321,19 @@ class LocalDeployment:
         with ThreadPoolExecutor(max_workers=max(1, len(indices))) as pool:
             return dict(zip(indices, pool.map(lambda i: self.stop_supernode(i, grace), indices)))
 
-    def restart_supernode(self, index: int, timeout: float = 120.0) -> float:
+    def restart_supernode(self, index: int, timeout: float = 120.0) -> tuple[float, float]:
         """Stop node ``index`` gracefully (SIGTERM to its process group: it deactivates at the
         SuperLink), start it again with the same key, node config and state folder, and wait
-        until Flower lists it online again. Returns the seconds it was away."""
+        until Flower lists it online again. Returns (the seconds it was away, the time the old
+        process group was gone)."""
         node_id = self.node_ids[index]
         before = self.node_status()[node_id]["online-at"]
         t0 = time.time()
         self.stop_supernode(index)
+        stopped_at = time.time()
         self.start_supernode(index)
         self.wait_online(0, since={node_id: before}, timeout=timeout, watch={index: self.nodes[index]})
-        return time.time() - t0
+        return time.time() - t0, stopped_at
 
     def start_supernodes(self, timeout: float = 120.0) -> None:
         t0 = time.time()
