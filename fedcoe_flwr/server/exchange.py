@@ -20,7 +20,6 @@ from logging import WARNING
 from typing import Iterable
 
 from flwr.app import Message
-from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 

@@ -14,10 +14,10 @@ from fedcoe_flwr.server.exchange import send_and_receive
 
 class FakeLink:
     """A SuperLink seen from the ServerApp, one tick per pull. ``plans``: node id -> what the
-    node does with each message it gets, in order: ('answer', ticks), ('lose', restart tick: from then on the message is
-    answered `Message Unavailable`),
-    ('away', back tick or None: the node is offline from the start) or ('late', ticks: it
-    answers the first message only after a restart at tick 1, before pulling it)."""
+    node does with each message it gets, in order: ('answer', ticks), ('lose', restart tick: from
+    then on the message is answered `Message Unavailable`), ('away', back tick or None: the node
+    is offline from the start) or ('late', ticks: it answers the first message only after a
+    restart at tick 1, before pulling it)."""
 
     def __init__(self, plans: dict[int, list[tuple[str, int | None]]]):
         self.plans = {n: list(p) for n, p in plans.items()}
