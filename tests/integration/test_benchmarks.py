@@ -35,6 +35,14 @@ def test_comm_prints_bytes_and_ratios():
     assert "experts sent 4 in round 1" in out and "2 in round 2" in out
 
 
+def test_transport_prints_objects_and_ratios():
+    out = run_script("transport.py", "--config", "configs/smoke.yaml", "--repeat", "1")
+    rows = re.findall(rf"^\s+(one Array per tensor|packed \(to_array_record\))\s+(\d+) objects", out, re.M)
+    assert [name for name, _ in rows] == ["one Array per tensor", "packed (to_array_record)"], out
+    assert int(rows[1][1]) < int(rows[0][1]), out  # packing sends fewer Flower objects
+    assert re.search(rf"ratio per tensor / packed: objects {NUMBER}x, bytes {NUMBER}x, time {NUMBER}x", out), out
+
+
 def test_overhead_prints_ratios(tmp_path):
     out = run_script("overhead.py", "--data-root", "synthetic", "--num-clients", "4", "--clients", "2",
                      "--rounds", "2", "--repeats", "1", "--algorithms", "fedavg", "--timeout", "240", timeout=600)

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-import numpy as np
+
 import pytest
 import torch
 from flwr.clientapp import ClientApp
 from harness import REPO_ROOT as ROOT
 
 from fedcoe_flwr.client import handlers as client
-from fedcoe_flwr.records import ARRAYS
+from fedcoe_flwr.records import ARRAYS, from_array_record, to_array_record
 
 
 # ------------------------------------------------------------------ real simulations
@@ -69,12 +69,10 @@ def failing_client_app() -> ClientApp:
         if msg.content["config"]["server_round"] == 2 and partition == 1:
             raise RuntimeError("injected failure")
         if msg.content["config"]["server_round"] == 2 and partition == 2:
-            arrays = reply.content.array_records[ARRAYS]
-            key = next(iter(arrays))
-            t = arrays[key].numpy().copy()
-            t.flat[0] = np.nan
-            from flwr.app import Array
-            arrays[key] = Array(t)
+            arrays = from_array_record(reply.content.array_records[ARRAYS])
+            key = next(k for k, v in arrays.items() if v.is_floating_point())
+            arrays[key].view(-1)[0] = float("nan")
+            reply.content.array_records[ARRAYS] = to_array_record(arrays)
         return reply
 
     @app.evaluate()

@@ -5,6 +5,7 @@ stop them by PID, never by name, so nothing else on a shared host is touched."""
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -16,7 +17,28 @@ from typing import Mapping
 MARK_ENV = "FEDCOE_DEPLOY_ID"
 
 
+def _ephemeral_ports() -> range:
+    try:
+        low, high = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default
+    return range(low, high + 1)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port free now, chosen below the kernel's ephemeral range where there is room: the port
+    is closed again before the server binds it, and a port that bind(0) gives is one any
+    outgoing connection (gRPC's, the CLI's) may take in between ("address already in use")."""
+    ephemeral = _ephemeral_ports()
+    candidates = list(range(max(10000, ephemeral.start - 12000), ephemeral.start))
+    random.SystemRandom().shuffle(candidates)  # not the global generator a caller may have seeded
+    for port in candidates[:200] if len(candidates) >= 1000 else []:
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from harness import REPO_ROOT as ROOT
 
 
@@ -81,3 +83,22 @@ def test_no_broad_process_kill_anywhere_in_the_repository():
             continue
         hits += [f"{name}:{i}: {line.strip()}" for i, line in enumerate(text.splitlines(), 1) if by_name.search(line)]
     assert hits == []
+
+
+# ------------------------------------------------------------------ ports
+def test_free_port_is_bindable_and_outside_the_ephemeral_range():
+    """Outgoing connections take ephemeral ports; a server port from that range can be taken
+    between choosing it and the server binding it (a SuperNode failed so, 'address in use')."""
+    import socket
+
+    from tools.deploy.processes import _ephemeral_ports, free_port
+
+    ephemeral = _ephemeral_ports()
+    if ephemeral.start < 11000:
+        pytest.skip(f"this kernel's ephemeral range starts at {ephemeral.start}: no room below it")
+    ports = {free_port() for _ in range(20)}
+    assert len(ports) > 1
+    for port in ports:
+        assert port not in ephemeral, (port, ephemeral)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
