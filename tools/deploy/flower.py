@@ -4,10 +4,17 @@ interface to the SuperLink's Control API; its JSON needs no log parsing."""
 
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
 import subprocess
+import tempfile
+import tomllib
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping
+
+_APP_FOLDERS: dict[Path, Path] = {}
 
 
 class FlowerCliError(RuntimeError):
@@ -47,9 +54,51 @@ class FlowerCli:
         return {int(node["node-id"]): node for node in out["nodes"]}
 
     def start_run(self, app: Path, run_config: Path) -> int:
-        """`flwr run` without streaming; returns the run id."""
-        out = self.json(["run", str(app), self.connection, "--run-config", str(run_config)], timeout=300.0)
+        """`flwr run` without streaming; returns the run id. The app is sent from
+        ``app_folder(app)``: the same FAB, built in a fraction of the time."""
+        out = self.json(["run", str(self.app_folder(app)), self.connection, "--run-config", str(run_config)],
+                        timeout=300.0)
         return int(out["run-id"])
+
+    def build(self, app: Path, out: Path) -> Path:
+        """`flwr build`: the FAB that `flwr run <app>` sends (its file name holds its hash)."""
+        out.mkdir(parents=True, exist_ok=True)
+        res = subprocess.run(["flwr", "build", "--app", str(app)], env=self.env, cwd=out, capture_output=True,
+                             text=True, timeout=300, start_new_session=True)
+        fabs = list(out.glob("*.fab"))
+        if res.returncode != 0 or len(fabs) != 1:
+            raise FlowerCliError(f"`flwr build --app {app}` failed (exit {res.returncode}):\n"
+                                 f"{(res.stdout + res.stderr)[-2000:]}")
+        return fabs[0]
+
+    def app_folder(self, app: Path) -> Path:
+        """A folder holding only the files of ``app``'s FAB, unpacked once per process. Flower
+        walks every file under the app folder before it filters them, and a virtual
+        environment inside the checkout makes that about 50,000 files (7 s per `flwr run` on
+        a 2-core machine). Each ``fab-exclude`` pattern gets an empty file to match, since
+        Flower 1.39 refuses a pattern that matches nothing; the FAB built from the folder is
+        checked to be the same FAB (same hash) as the one built from ``app``, else ``app``
+        itself is used."""
+        app = app.resolve()
+        if app not in _APP_FOLDERS:
+            work = Path(tempfile.mkdtemp(prefix="fedcoe-app-"))
+            atexit.register(shutil.rmtree, work, True)
+            fab = self.build(app, work / "fab")
+            folder = work / "app"
+            with zipfile.ZipFile(fab) as z:
+                z.extractall(folder, [n for n in z.namelist() if not n.startswith(".info/")])
+            shutil.copyfile(app / "pyproject.toml", folder / "pyproject.toml")  # the FAB's own is re-serialised
+            patterns = tomllib.loads((folder / "pyproject.toml").read_text())["tool"]["flwr"]["app"].get("fab-exclude", [])
+            names = [p.lstrip("/")[:-3] + "/placeholder.py" if p.endswith("/**") else p.lstrip("/") for p in patterns]
+            if any("*" in name for name in names):  # a pattern no single file name stands for
+                _APP_FOLDERS[app] = app
+                return app
+            for name in names:
+                (folder / name).parent.mkdir(parents=True, exist_ok=True)
+                (folder / name).touch()
+            same = self.build(folder, work / "check").name == fab.name
+            _APP_FOLDERS[app] = folder if same else app
+        return _APP_FOLDERS[app]
 
     def run(self, run_id: int) -> dict[str, Any]:
         """One run as the SuperLink sees it: `status` (e.g. `running`, `finished:completed`,

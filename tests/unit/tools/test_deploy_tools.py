@@ -46,9 +46,10 @@ def test_make_certs_makes_ca_server_cert_and_openssh_node_keys(tmp_path):
 
 
 # ------------------------------------------------------------------ packaging of the orchestrator
-def test_the_deployment_tools_are_neither_installed_nor_shipped_in_the_fab(tmp_path):
+def test_the_fab_holds_the_app_and_its_configs_and_no_tools_docs_or_tests(tmp_path):
     """tools/ runs beside the app: pip does not install it and `flwr build` (the same FAB
-    `flwr run` sends to every SuperNode) leaves it out, while the app's packages go in."""
+    `flwr run` sends to every SuperNode) leaves it out, with the docs, tests, benchmarks and
+    scripts, while the app's packages and configs go in."""
     import tomllib
 
     from setuptools import find_packages
@@ -67,7 +68,34 @@ def test_the_deployment_tools_are_neither_installed_nor_shipped_in_the_fab(tmp_p
     (fab,) = tmp_path.glob("*.fab")
     names = zipfile.ZipFile(fab).namelist()
     assert "fedcoe_flwr/client/handlers.py" in names and "server_app/app.py" in names and "client_app/app.py" in names
-    assert not [n for n in names if n.startswith("tools/")], names
+    assert "configs/default.yaml" in names and "configs/smoke.yaml" in names  # the run config names them
+    assert not [n for n in names if n.split("/")[0] in ("tools", "docs", "tests", "benchmarks", "scripts")], names
+    assert os.path.getsize(fab) < 1_000_000, os.path.getsize(fab)  # what every SuperNode pulls on each run
+
+
+def test_runs_are_sent_from_a_folder_that_builds_the_same_fab(tmp_path):
+    """`flwr run` walks every file under the app folder (a virtual environment in the checkout
+    too) before it filters them: the deployment sends the run from a folder of the FAB's files
+    only, and uses it only when Flower builds the very same FAB (hash) from it. Checked on a
+    small copy of the app with this pyproject (its fab-exclude patterns) and an ignored venv."""
+    from tools.deploy.flower import FlowerCli
+
+    app = tmp_path / "app"
+    for name in ("pyproject.toml", ".gitignore", "README.md", "server_app/__init__.py", "server_app/app.py",
+                 "client_app/__init__.py", "client_app/app.py", "configs/smoke.yaml", "docker-compose.yml"):
+        (app / name).parent.mkdir(parents=True, exist_ok=True)
+        (app / name).write_bytes((ROOT / name).read_bytes())
+    for name in ("tools/deploy/x.py", "docs/x.md", "tests/x.py", "benchmarks/x.py", "scripts/x.py", ".venv/lib/x.py"):
+        (app / name).parent.mkdir(parents=True, exist_ok=True)
+        (app / name).write_text("# not in the FAB\n")
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "home"), "FLWR_TELEMETRY_ENABLED": "0",
+           "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    cli = FlowerCli("unused", env, tmp_path)
+    folder = cli.app_folder(app)
+    assert folder != app.resolve() and (folder / "server_app" / "app.py").is_file()
+    assert not (folder / ".venv").exists() and not (folder / "docs" / "x.md").exists()
+    assert cli.build(folder, tmp_path / "a").name == cli.build(app, tmp_path / "b").name
+    assert cli.app_folder(app) == folder  # once per process
 
 
 def test_no_broad_process_kill_anywhere_in_the_repository():
