@@ -48,7 +48,7 @@ def to_array_record(arrays: Mapping[str, torch.Tensor]) -> ArrayRecord:
     layout: list[list[Any]] = []
     buffers: dict[str, list[torch.Tensor]] = {}
     for key, value in arrays.items():
-        if key == LAYOUT or _group_of(key) == LAYOUT:
+        if _group_of(key) == LAYOUT:
             raise ValueError(f"tensor name {key!r} is reserved for the packed layout")
         t = value.detach().cpu().contiguous()
         layout.append([key, str(t.dtype).removeprefix("torch."), list(t.shape)])
