@@ -48,11 +48,12 @@ def to_array_record(arrays: Mapping[str, torch.Tensor]) -> ArrayRecord:
     layout: list[list[Any]] = []
     buffers: dict[str, list[torch.Tensor]] = {}
     for key, value in arrays.items():
-        if _group_of(key) == LAYOUT:
+        group = _group_of(key)
+        if group == LAYOUT:
             raise ValueError(f"tensor name {key!r} is reserved for the packed layout")
         t = value.detach().cpu().contiguous()
         layout.append([key, str(t.dtype).removeprefix("torch."), list(t.shape)])
-        buffers.setdefault(_group_of(key), []).append(t.reshape(-1).view(torch.uint8))
+        buffers.setdefault(group, []).append(t.reshape(-1).view(torch.uint8))
     packed = {group: torch.cat(parts) for group, parts in buffers.items()}
     packed[LAYOUT] = torch.frombuffer(bytearray(json.dumps(layout).encode()), dtype=torch.uint8)
     return ArrayRecord(torch_state_dict=packed)
