@@ -8,6 +8,7 @@ import atexit
 import json
 import shutil
 import subprocess
+import sys
 import tempfile
 import tomllib
 import zipfile
@@ -15,6 +16,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 _APP_FOLDERS: dict[Path, Path] = {}
+
+
+def flwr_executable() -> str:
+    """The `flwr` CLI on PATH, else the one installed beside this interpreter (a virtual
+    environment that was not activated)."""
+    return shutil.which("flwr") or str(Path(sys.executable).with_name("flwr"))
 
 
 class FlowerCliError(RuntimeError):
@@ -29,7 +36,7 @@ class FlowerCli:
         self.connection, self.env, self.cwd = connection, dict(env), cwd
 
     def json(self, args: list[str], timeout: float = 60.0) -> dict[str, Any]:
-        cmd = ["flwr", *args, "--format", "json"]
+        cmd = [flwr_executable(), *args, "--format", "json"]
         res = subprocess.run(cmd, env=self.env, cwd=self.cwd, capture_output=True, text=True,
                              timeout=timeout, start_new_session=True)
         try:
@@ -63,7 +70,7 @@ class FlowerCli:
     def build(self, app: Path, out: Path) -> Path:
         """`flwr build`: the FAB that `flwr run <app>` sends (its file name holds its hash)."""
         out.mkdir(parents=True, exist_ok=True)
-        res = subprocess.run(["flwr", "build", "--app", str(app)], env=self.env, cwd=out, capture_output=True,
+        res = subprocess.run([flwr_executable(), "build", "--app", str(app)], env=self.env, cwd=out, capture_output=True,
                              text=True, timeout=300, start_new_session=True)
         fabs = list(out.glob("*.fab"))
         if res.returncode != 0 or len(fabs) != 1:
@@ -108,4 +115,4 @@ class FlowerCli:
 
     def log_command(self, run_id: int) -> list[str]:
         """The command that prints a run's log (all of it, once the run has ended)."""
-        return ["flwr", "log", str(run_id), self.connection]
+        return [flwr_executable(), "log", str(run_id), self.connection]
