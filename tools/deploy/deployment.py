@@ -27,7 +27,7 @@ from fedcoe_flwr.client.node import node_role
 from fedcoe_flwr.client.onboarding import onboarded_model_path
 from fedcoe_flwr.config import config_from_run_config
 
-from .flower import FlowerCli, FlowerCliError
+from .flower import FlowerCli, FlowerCliError, flower_env
 from .processes import MARK_ENV, Proc, free_port, kill_tree, port_open, spawn, stop_group, sweep, tail
 from .results import format_metrics, metrics_lines, round_lines, rounds_done, run_status
 from .sites import SiteFolders, export_sites, format_node_config
@@ -110,7 +110,7 @@ class LocalDeployment:
         env = {**os.environ, **FLWR_ENV, "FLWR_HOME": str(flwr_home), MARK_ENV: self.mark,
                "FEDCOE_PROJECT_DIR": str(ROOT), "PYTHONUNBUFFERED": "1"}
         env.update(extra or {})
-        return env
+        return flower_env(env)
 
     def _spawn(self, name: str, cmd: list[str], env: Mapping[str, str], cwd: Path, log: Path) -> Proc:
         proc = spawn(name, cmd, env, cwd, log)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -18,10 +19,14 @@ from typing import Any, Mapping
 _APP_FOLDERS: dict[Path, Path] = {}
 
 
-def flwr_executable() -> str:
-    """The `flwr` CLI on PATH, else the one installed beside this interpreter (a virtual
-    environment that was not activated)."""
-    return shutil.which("flwr") or str(Path(sys.executable).with_name("flwr"))
+def flower_env(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` with this interpreter's scripts folder first on PATH, so that every Flower
+    executable (``flwr``, ``flower-superlink``, ``flower-supernode`` and the
+    ``flower-superexec`` that the SuperLink and SuperNodes start themselves) is the one of the
+    installation running this code, in a virtual environment that was not activated too."""
+    scripts = str(Path(sys.executable).parent)
+    path = [d for d in env.get("PATH", "").split(os.pathsep) if d and d != scripts]
+    return {**env, "PATH": os.pathsep.join([scripts, *path])}
 
 
 class FlowerCliError(RuntimeError):
@@ -33,10 +38,10 @@ class FlowerCli:
     connection is configured) and working directory."""
 
     def __init__(self, connection: str, env: Mapping[str, str], cwd: Path):
-        self.connection, self.env, self.cwd = connection, dict(env), cwd
+        self.connection, self.env, self.cwd = connection, flower_env(env), cwd
 
     def json(self, args: list[str], timeout: float = 60.0) -> dict[str, Any]:
-        cmd = [flwr_executable(), *args, "--format", "json"]
+        cmd = ["flwr", *args, "--format", "json"]
         res = subprocess.run(cmd, env=self.env, cwd=self.cwd, capture_output=True, text=True,
                              timeout=timeout, start_new_session=True)
         try:
@@ -70,7 +75,7 @@ class FlowerCli:
     def build(self, app: Path, out: Path) -> Path:
         """`flwr build`: the FAB that `flwr run <app>` sends (its file name holds its hash)."""
         out.mkdir(parents=True, exist_ok=True)
-        res = subprocess.run([flwr_executable(), "build", "--app", str(app)], env=self.env, cwd=out, capture_output=True,
+        res = subprocess.run(["flwr", "build", "--app", str(app)], env=self.env, cwd=out, capture_output=True,
                              text=True, timeout=300, start_new_session=True)
         fabs = list(out.glob("*.fab"))
         if res.returncode != 0 or len(fabs) != 1:
@@ -115,4 +120,4 @@ class FlowerCli:
 
     def log_command(self, run_id: int) -> list[str]:
         """The command that prints a run's log (all of it, once the run has ended)."""
-        return [flwr_executable(), "log", str(run_id), self.connection]
+        return ["flwr", "log", str(run_id), self.connection]

@@ -6,12 +6,13 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from harness import REPO_ROOT as ROOT
-from tools.deploy.flower import FlowerCli
+from tools.deploy.flower import FlowerCli, flower_env
 
 
 # ------------------------------------------------------------------ certificates (compose: tests/unit/tools/test_compose_file.py)
@@ -91,6 +92,19 @@ def test_runs_are_sent_from_a_folder_that_builds_the_same_fab(tmp_path):
     assert not (folder / ".venv").exists() and not (folder / "docs" / "x.md").exists()
     assert cli.build(folder, tmp_path / "a").name == cli.build(app, tmp_path / "b").name
     assert cli.app_folder(app) == folder  # once per process
+
+
+def test_flower_executables_are_those_beside_the_interpreter_activated_or_not(tmp_path):
+    other = tmp_path / "other-install"
+    other.mkdir()
+    (other / "flwr").write_text("#!/bin/sh\necho other\n")
+    (other / "flwr").chmod(0o755)
+    scripts = str(Path(sys.executable).parent)
+    env = flower_env({"PATH": os.pathsep.join([str(other), "/usr/bin", "/bin"])})  # not activated
+    assert env["PATH"].split(os.pathsep) == [scripts, str(other), "/usr/bin", "/bin"]
+    assert flower_env(env) == env
+    version = subprocess.run(["flwr", "--version"], env=env, capture_output=True, text=True, timeout=60)
+    assert version.returncode == 0 and "1.39" in version.stdout, version.stdout + version.stderr
 
 
 def test_no_broad_process_kill_anywhere_in_the_repository():
