@@ -1,5 +1,7 @@
 """End to end as a user runs it: `flwr run .` with the smoke config on a managed local
-SuperLink (Ray simulation). The test stops the SuperLink and everything it started."""
+SuperLink (Ray simulation). The test's SuperLink listens on ports of its own (Flower's
+``FLWR_LOCAL_*_PORT``), so the one a user's `flwr run .` left running is neither reused nor
+touched; the test stops its SuperLink and everything it started."""
 
 import json
 import os
@@ -9,12 +11,9 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
-
-from tools.deploy.processes import descendants
+from tools.deploy.processes import descendants, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-LOCAL_SUPERLINK_PORT = 39091
 
 
 def port_in_use(port: int) -> bool:
@@ -42,7 +41,7 @@ def running(pid: int) -> bool:
         return False
 
 
-def stop_tree(marker: str, wait: float = 30.0) -> None:
+def stop_tree(marker: str, port: int, wait: float = 30.0) -> None:
     """Kill the SuperLink whose command line holds ``marker`` and all it started, and wait
     until they are gone and its port is closed (SIGKILL takes effect asynchronously)."""
     killed = []
@@ -54,19 +53,16 @@ def stop_tree(marker: str, wait: float = 30.0) -> None:
             except ProcessLookupError:
                 pass
     deadline = time.time() + wait
-    while time.time() < deadline and (any(running(p) for p in killed) or port_in_use(LOCAL_SUPERLINK_PORT)):
+    while time.time() < deadline and (any(running(p) for p in killed) or port_in_use(port)):
         time.sleep(0.2)
 
 
 def test_flwr_run_smoke_end_to_end(tmp_path):
-    if port_in_use(LOCAL_SUPERLINK_PORT):
-        pytest.skip(f"a local SuperLink already listens on 127.0.0.1:{LOCAL_SUPERLINK_PORT} (started outside "
-                    "this test); `flwr run` would reuse it. Stop it by its PID to run this test: "
-                    f"kill \"$(lsof -t -iTCP:{LOCAL_SUPERLINK_PORT} -sTCP:LISTEN)\"")
-    flwr_home = tmp_path / "flwr-home"
+    flwr_home, port = tmp_path / "flwr-home", free_port()
     env = {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0",
            "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-           "FEDCOE_PROJECT_DIR": str(ROOT)}
+           "FEDCOE_PROJECT_DIR": str(ROOT), "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port),
+           "FLWR_LOCAL_CONTROL_API_PORT": str(free_port())}
     run_config = (f"config='configs/smoke.yaml' results_dir='{tmp_path / 'results'}' "
                   f"cache_dir='{tmp_path / 'cache'}' run_name='e2e'")
     cmd = ["flwr", "run", ".", "--run-config", run_config, "--federation-config", "num-supernodes=5", "--stream"]
@@ -74,7 +70,7 @@ def test_flwr_run_smoke_end_to_end(tmp_path):
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
     finally:
-        stop_tree(str(flwr_home))
+        stop_tree(str(flwr_home), port)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
     out = tmp_path / "results" / "e2e"
@@ -84,5 +80,6 @@ def test_flwr_run_smoke_end_to_end(tmp_path):
         assert all(isinstance(l[key], float) for l in lines), key
     assert json.loads((out / "summary.json").read_text())["status"] == "finished"
     assert "[ROUND 2/2]" in log and "personalised=" in log  # progress and metrics in Flower's log
-    assert not port_in_use(LOCAL_SUPERLINK_PORT), "the test must stop the SuperLink it started"
+    assert f"127.0.0.1:{port}" in log, "the SuperLink must be the test's own"
+    assert not port_in_use(port), "the test must stop the SuperLink it started"
     print(f"flwr run smoke: {time.time() - started:.1f}s")
