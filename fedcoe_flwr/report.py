@@ -41,7 +41,7 @@ def seconds_per_round(summary: dict[str, Any]) -> float:
 # Summary statistics stored beside a metric under ``<key>_<suffix>``, not variants of it.
 NOT_VARIANTS = ("mean", "p10", "source")
 # Ties between equal cold-start variants go to the protocol's default adaptation.
-PREFERENCE = ("adabn_em", "em", "adabn", "em_uniform", "plain")
+PREFERENCE = ("adabn_em", "em_calibrated", "em", "adabn", "em_uniform", "plain")
 
 
 def measured_variants(final: dict[str, Any], key: str) -> dict[str, float]:

@@ -18,7 +18,7 @@ import torch
 from ..config import ExperimentConfig, Section
 from ..data import ClientData
 from .training import LocalTask, accuracy, run_task
-from .adaptation import coldstart_record, label_free_scores, prior_of
+from .adaptation import calibration_of, coldstart_record, label_free_scores, prior_of
 
 Arrays = dict[str, torch.Tensor]
 Predictor = Callable[[torch.Tensor], torch.Tensor]
@@ -197,4 +197,5 @@ class Algorithm:
         data = step.data
         unlabeled = data.train_x if len(data.train_x) else data.test_x
         return coldstart_record(label_free_scores(predict, modules, unlabeled, data.test_x, data.test_y,
-                                                  prior_of(step.config), step.cfg, step.device))
+                                                  prior_of(step.config), step.cfg, step.device,
+                                                  calibration_of(step.config)))

@@ -13,7 +13,7 @@ import torch
 from flwr.app import Context, Message, RecordDict
 
 from ..algorithms import get_algorithm
-from ..algorithms.adaptation import MEAN_PROBS_KEY, mean_prediction
+from ..algorithms.adaptation import prior_share
 from ..algorithms.base import Algorithm, ClientStep
 from ..algorithms.training import accuracy
 from ..cohort import DEFAULT_CHUNK_SIZE, train_clients
@@ -204,11 +204,9 @@ def handle_coldstart(msg: Message, context: Context) -> Message:
 
 
 def handle_prior(msg: Message, context: Context) -> Message:
-    """A training client's share of the federation's predicted training prior: the mean class
-    probabilities of the new-client model (the cold-start package) on its training images.
-    No labels leave the node, only num_classes floats."""
+    """A training client's share of the federation's predicted training prior and temperature
+    (``adaptation.prior_share``) for the new-client model (the cold-start package). No image or
+    label leaves the node, only a few floats per class and temperature."""
     call = Call.of(msg, context)
-    data = call.data()
     predict, _ = call.algorithm.new_client_model(call.step(None, None))
-    return call.reply(None, {MEAN_PROBS_KEY: mean_prediction(predict, data.train_x, call.cfg, call.device),
-                             "num_samples": data.num_train})
+    return call.reply(None, prior_share(predict, call.data(), call.cfg, call.device))

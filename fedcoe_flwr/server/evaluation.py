@@ -19,7 +19,8 @@ from flwr.app import Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from ..algorithms.adaptation import (MEAN_PROBS_KEY, PREDICTED_PRIOR_RECORD, TRAIN_PRIOR_KEY, balanced,
+from ..algorithms.adaptation import (MEAN_PROBS_KEY, PREDICTED_PRIOR_RECORD, TEMPERATURE_RECORD, TRAIN_PRIOR_KEY,
+                                     Calibration, balanced, calibration_config, federation_calibration,
                                      federation_prior)
 from ..algorithms.base import Algorithm, ServerState
 from ..algorithms.specialisation import COUNTS_KEY, mean_client_mi_bits
@@ -64,32 +65,34 @@ class Evaluator:
         return msgs
 
     def coldstart_messages(self, package: tuple[dict[str, torch.Tensor], dict[str, Any]], server_round: int,
-                           prior: torch.Tensor | None) -> list[Message]:
+                           prior: torch.Tensor | None, calibration: Calibration | None = None) -> list[Message]:
         payload, pconfig = package
         extra = {TRAIN_PRIOR_KEY: [float(v) for v in prior]} if prior is not None else {}
+        extra.update(calibration_config(calibration))
         return [self.messenger.message(self.nodes.node_of[client], COLDSTART, payload,
                                        {**pconfig, **extra, "server_round": server_round})
                 for client in range(self.cfg.num_clients, self.cfg.num_partitions)]
 
     def predicted_prior(self, grid: Grid, package: tuple[dict[str, torch.Tensor], dict[str, Any]],
-                        server_round: int) -> torch.Tensor | None:
+                        server_round: int) -> tuple[torch.Tensor | None, Calibration | None]:
         """The federation's training prior as the new-client model predicts it: every training
         client's mean class probabilities on its own images, sample-weighted (None when no
-        client answered)."""
+        client answered); and the federation's temperature with the prior at it
+        (``adaptation.federation_calibration``)."""
         payload, pconfig = package
         msgs = [self.messenger.message(self.nodes.node_of[client], PRIOR, payload,
                                        {**pconfig, "server_round": server_round})
                 for client in range(self.cfg.num_clients)]
-        rows, weights = [], []
+        shares = []
         for reply in send_and_receive(grid, msgs, self.cfg.round_timeout):
             if reply.has_error():
                 log(WARNING, "[round %d] training-prior prediction failed on a node: %s", server_round, reply.error)
                 continue
-            metrics = reply.content.metric_records[METRICS]
-            if int(metrics["num_samples"]) > 0:
-                rows.append(list(metrics[MEAN_PROBS_KEY]))
-                weights.append(int(metrics["num_samples"]))
-        return federation_prior(rows, weights) if rows else None
+            shares.append(reply.content.metric_records[METRICS])
+        trained = [m for m in shares if int(m["num_samples"]) > 0]
+        prior = federation_prior([list(m[MEAN_PROBS_KEY]) for m in trained],
+                                 [int(m["num_samples"]) for m in trained]) if trained else None
+        return prior, federation_calibration(shares)
 
     def client_metrics(self, server_round: int, replies: Iterable[Message]) -> dict[str, Any]:
         personal: list[tuple[float, int, float | None]] = []
@@ -151,17 +154,20 @@ class Evaluator:
                     arrays = from_array_record(reply.content.array_records[ARRAYS])
                     self.messenger.count_eval_upload(arrays)
                     parts.append((arrays, int(reply.content.metric_records[METRICS]["num_samples"])))
-        prior = None
+        prior, calibration = None, None
         if self.cfg.num_coldstart_clients or self.algorithm.has_global_model:
             package = self.algorithm.coldstart_payload(state, self.cfg, parts)
-            prior = self.predicted_prior(grid, package, server_round)
+            prior, calibration = self.predicted_prior(grid, package, server_round)
             if self.cfg.num_coldstart_clients:
-                replies += list(send_and_receive(grid, self.coldstart_messages(package, server_round, prior),
+                replies += list(send_and_receive(grid, self.coldstart_messages(package, server_round, prior,
+                                                                               calibration),
                                                   self.cfg.round_timeout))
         record: dict[str, Any] = {"round": server_round}
         record.update(self.global_metrics(state, prior))
         if prior is not None:
             record[PREDICTED_PRIOR_RECORD] = [round(float(v), 5) for v in prior]
+        if calibration is not None and self.cfg.num_coldstart_clients:
+            record[TEMPERATURE_RECORD] = calibration.temperature
         record.update(self.client_metrics(server_round, replies))
         for key in ("global_accuracy", "personalized_accuracy", "coldstart_accuracy"):
             record.setdefault(key, None)

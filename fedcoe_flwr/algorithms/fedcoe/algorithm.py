@@ -28,7 +28,7 @@ from ..training import (Arrays, LocalTask, Trained, module_anchors, nll_of_probs
                         proximal_term, seeded_init, state_of, unprefixed, weighted_average)
 from .aggregation import aggregate_pool, class_groups, expert_set, routing_diagnostics
 from ...data import DataError, load_global_test
-from ..adaptation import prior_of
+from ..adaptation import calibration_of, prior_of
 from ..specialisation import KEYS as SPECIALISATION_KEYS
 from ..specialisation import plot_specialisation, specialisation
 from .coldstart import NewClientModel, adapt_new_client, coldstart_evaluate, pool_model
@@ -298,7 +298,8 @@ class FedCoE(Algorithm):
 
     def client_coldstart(self, step: ClientStep) -> dict[str, Any]:
         arrays, data, cfg, num_classes, device = step.arrays, step.data, step.cfg, step.num_classes, step.device
-        return coldstart_evaluate(arrays, data, cfg, num_classes, device, prior_of(step.config))
+        return coldstart_evaluate(arrays, data, cfg, num_classes, device, prior_of(step.config),
+                                  calibration_of(step.config))
 
 
 @torch.no_grad()

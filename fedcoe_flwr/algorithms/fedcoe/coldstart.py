@@ -12,8 +12,8 @@ import torch
 
 from ...config import ExperimentConfig
 from ...data import ClientData
-from ..adaptation import (as_prior, coldstart_record, em_label_prior, label_free_scores, prior_correct,
-                          reestimate_batchnorm)
+from ..adaptation import (Calibration, as_prior, coldstart_record, em_label_prior, label_free_scores,
+                          prior_correct, reestimate_batchnorm)
 from ..training import accuracy, predict_probs
 from .aggregation import expert_set
 from .model import TRAIN_PRIOR, FedCoEModel
@@ -87,19 +87,20 @@ def adapt_new_client(arrays: Mapping[str, torch.Tensor], unlabeled: torch.Tensor
 
 
 def coldstart_evaluate(arrays: Mapping[str, torch.Tensor], data: ClientData, cfg: ExperimentConfig,
-                       num_classes: int, device: torch.device, train_prior: torch.Tensor | None = None
-                       ) -> dict[str, Any]:
+                       num_classes: int, device: torch.device, train_prior: torch.Tensor | None = None,
+                       calibration: Calibration | None = None) -> dict[str, Any]:
     """A new client's model from the pool, adapted with unlabeled data only (its local
     train split with labels unused), scored on its local test split: the configured
     adaptation (``adapt_new_client``) and every method's
     label-free variants (``adaptation.label_free_scores``), both with ``train_prior``, the prior
-    the evaluation predicted (the package's when None)."""
+    the evaluation predicted (the package's when None), the variants also with the federation's
+    ``calibration``."""
     unlabeled = data.train_x if len(data.train_x) else data.test_x
     model = pool_model(arrays, cfg, num_classes, device)
     row = route(model, unlabeled, cfg, device)
     scores = label_free_scores(lambda x: model.mixture(x)[0], [model], unlabeled, data.test_x, data.test_y,
                                training_prior(arrays, cfg, num_classes) if train_prior is None else train_prior,
-                               cfg, device)
+                               cfg, device, calibration)
     configured = adapt_new_client(arrays, unlabeled, cfg, num_classes, device, train_prior)
     out: dict[str, Any] = coldstart_record(
         scores, accuracy(configured.predict, data.test_x, data.test_y, cfg, device))

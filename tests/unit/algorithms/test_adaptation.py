@@ -8,8 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from fedcoe_flwr.algorithms.adaptation import (balanced, federation_prior, label_free_scores, prior_correct,
-                                               reestimate_batchnorm)
+from fedcoe_flwr.algorithms.adaptation import (HELDOUT_NLL_KEY, NUM_HELDOUT_KEY, TEMPERATURES, TEMPERED_PROBS_KEY,
+                                               Calibration, balanced, calibration_config, calibration_of,
+                                               federation_calibration, federation_prior, label_free_scores,
+                                               prior_correct, reestimate_batchnorm, tempered)
 from fedcoe_flwr.config import from_dict
 from fedcoe_flwr.server.loop import RoundLoop
 from harness import InProcessGrid
@@ -34,8 +36,9 @@ def one_round(tmp_path, **kw) -> tuple[RoundLoop, InProcessGrid]:
 def test_every_new_client_model_is_scored_raw_and_with_em_from_the_predicted_prior(tmp_path, algorithm):
     loop, grid = one_round(tmp_path, algorithm=algorithm)
     record = loop.history[-1]
-    for variant in ("plain", "em", "em_uniform"):
+    for variant in ("plain", "em", "em_uniform", "em_calibrated"):
         assert 0.0 <= record[f"coldstart_accuracy_{variant}"] <= 1.0
+    assert record["coldstart_temperature"] in TEMPERATURES
     prior = record["predicted_train_prior"]
     assert len(prior) == 10 and sum(prior) == pytest.approx(1.0, abs=1e-3)
     # the prior came from every training client (no labels: num_classes floats each), before cold start
@@ -43,6 +46,8 @@ def test_every_new_client_model_is_scored_raw_and_with_em_from_the_predicted_pri
     assert kinds.count("evaluate.prior") == 3 and kinds.index("evaluate.prior") < kinds.index("evaluate.coldstart")
     sent = next(m for m in grid.sent if m.metadata.message_type == "evaluate.coldstart")
     assert list(sent.content.config_records["config"]["train_prior"]) == pytest.approx(prior, abs=1e-4)
+    calibration = calibration_of(sent.content.config_records["config"])
+    assert calibration.temperature == record["coldstart_temperature"] and len(calibration.prior) == 10
     if algorithm in ("fedavg", "fedcoe"):  # every global model raw and balanced by this same prior
         assert 0.0 <= record["global_accuracy_balanced"] <= 1.0 and "global_accuracy_raw" not in record
     if algorithm == "fedavg":
@@ -91,3 +96,51 @@ def test_label_free_scores_run_adabn_only_where_there_is_batchnorm():
     scores = label_free_scores(bn, [bn], x, x, y, None, cfg, CPU)
     assert set(scores) == {"plain", "em", "adabn", "adabn_em"}  # no prior: EM from a uniform one
     assert not reestimate_batchnorm(plain, x, cfg, CPU)
+
+
+def share(nll: list[float], rows: list[list[float]], num_samples: int = 10, num_heldout: int = 5) -> dict:
+    return {TEMPERED_PROBS_KEY: [v for row in rows for v in row], HELDOUT_NLL_KEY: nll,
+            NUM_HELDOUT_KEY: num_heldout, "num_samples": num_samples}
+
+
+def test_the_federation_keeps_the_temperature_of_lowest_total_nll_and_the_prior_at_it():
+    k = len(TEMPERATURES)
+    best = TEMPERATURES.index(2.0)
+    rows = [[1.0, 0.0] if i == best else [0.5, 0.5] for i in range(k)]
+    a = share([5.0 if i == best else 6.0 for i in range(k)], rows, num_samples=10)
+    b = share([3.0 if i == 0 else 4.0 for i in range(k)], [[0.0, 1.0] if i == best else [0.5, 0.5] for i in range(k)],
+              num_samples=30)
+    found = federation_calibration([a, b])  # totals: 9 at T=1, 9 at T=2, 10 elsewhere: the tie goes to T=1
+    assert found.temperature == 1.0 and found.prior.tolist() == pytest.approx([0.5, 0.5], abs=1e-5)
+    b[HELDOUT_NLL_KEY] = [4.0] * k
+    found = federation_calibration([a, b])  # now 9 at T=2 alone
+    assert found.temperature == 2.0 and found.prior.tolist() == pytest.approx([0.25, 0.75], abs=1e-5)
+    assert federation_calibration([share([1.0] * k, rows, num_heldout=0)]) is None
+    assert calibration_of(calibration_config(found)).temperature == 2.0
+    assert calibration_of({}) is None and calibration_config(None) == {}
+
+
+def test_temperature_keeps_each_prediction_and_softens_its_confidence():
+    probs = torch.tensor([[0.9, 0.08, 0.02], [0.2, 0.7, 0.1]])
+    assert torch.equal(tempered(probs, 1.0), probs)
+    soft, sharp = tempered(probs, 2.0), tempered(probs, 0.75)
+    assert torch.equal(soft.argmax(1), probs.argmax(1)) and torch.equal(sharp.argmax(1), probs.argmax(1))
+    assert (soft.max(1).values < probs.max(1).values).all() and (sharp.max(1).values > probs.max(1).values).all()
+    assert soft.sum(1).tolist() == pytest.approx([1.0, 1.0])
+
+
+def test_calibrated_em_is_em_at_temperature_one_and_helps_an_overconfident_model():
+    cfg = from_dict(dict(dataset="synthetic", eval_batch_size=64))
+    # a new client of classes 0 and 1; the model's logits four times too large (overconfident)
+    logits = torch.randn(40, 4, generator=torch.Generator().manual_seed(1)) * 4
+    logits[:, 0] += 1.0
+    table = torch.softmax(logits, 1)
+    x, y = torch.zeros(40, 3, 8, 8, dtype=torch.uint8), torch.tensor([0] * 30 + [1] * 10)
+    prior = torch.full((4,), 0.25)
+
+    def scores(temperature: float) -> dict[str, float]:
+        return label_free_scores(lambda b: table[:len(b)], [], x, x, y, prior, cfg, CPU,
+                                 Calibration(temperature, prior))
+
+    assert scores(1.0)["em_calibrated"] == scores(1.0)["em"] == pytest.approx(0.40)
+    assert scores(3.0)["em_calibrated"] == pytest.approx(0.65) and scores(3.0)["em"] == pytest.approx(0.40)
