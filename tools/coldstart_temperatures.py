@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 from fedcoe_flwr.algorithms import get_algorithm
-from fedcoe_flwr.algorithms.adaptation import (TEMPERATURES, as_prior, em_label_prior, federation_calibration,
-                                               prior_correct, prior_share, tempered)
+from fedcoe_flwr.algorithms.adaptation import (HELDOUT_NLL_KEY, TEMPERATURES, TEMPERED_PROBS_KEY, em_label_prior,
+                                               federation_calibration, federation_prior, prior_correct, prior_share,
+                                               tempered)
 from fedcoe_flwr.algorithms.base import ClientStep, ServerState
 from fedcoe_flwr.algorithms.training import predict_probs
 from fedcoe_flwr.config import from_dict, saved_config
@@ -42,19 +43,20 @@ def scan(run_dir: Path, server_round: int, temperatures: list[float]) -> list[di
     predict, _ = algorithm.new_client_model(ClientStep(arrays, config, None, None, cfg, num_classes, CPU))
     train = [load_client_data(cfg, i) for i in range(cfg.num_clients)]
     cold = [load_client_data(cfg, cfg.num_clients + i) for i in range(cfg.num_coldstart_clients)]
-    train_probs = [(predict_probs(predict, d.train_x, cfg, CPU), predict_probs(predict, d.test_x, cfg, CPU), d.test_y)
-                   for d in train]
+    # the training clients' replies to the prior exchange, at the scan's temperatures
+    shares = [prior_share(predict, d, cfg, CPU, temperatures) for d in train]
+    chosen = federation_calibration([prior_share(predict, d, cfg, CPU) for d in train])
+    held = [(predict_probs(predict, d.test_x, cfg, CPU), len(d.test_y)) for d in train]
+    n_held = sum(n for _, n in held)
     cold_probs = [(predict_probs(predict, d.train_x, cfg, CPU), predict_probs(predict, d.test_x, cfg, CPU), d.test_y)
                   for d in cold]
-    chosen = federation_calibration([prior_share(predict, d, cfg, CPU) for d in train])
+    size = len(shares[0][TEMPERED_PROBS_KEY]) // len(temperatures)
     rows = []
-    for t in temperatures:
-        n_train = sum(len(p) for p, _, _ in train_probs)
-        prior = as_prior(sum(tempered(p, t).sum(0) for p, _, _ in train_probs) / n_train)
-        n_held = sum(len(y) for _, _, y in train_probs)
-        nll = -sum(float(torch.log(tempered(h, t)[torch.arange(len(y)), y.long()].clamp_min(1e-12)).sum())
-                   for _, h, y in train_probs) / n_held
-        top = sum(float(tempered(h, t).max(1).values.sum()) for _, h, _ in train_probs) / n_held
+    for i, t in enumerate(temperatures):
+        prior = federation_prior([s[TEMPERED_PROBS_KEY][i * size:(i + 1) * size] for s in shares],
+                                 [int(s["num_samples"]) for s in shares])
+        nll = sum(s[HELDOUT_NLL_KEY][i] for s in shares) / n_held
+        top = sum(float(tempered(h, t).max(1).values.sum()) for h, _ in held) / n_held
         correct = sum(float((prior_correct(tempered(te, t), em_label_prior(tempered(pool, t), prior), prior)
                              .argmax(1) == y).float().sum()) for pool, te, y in cold_probs)
         rows.append({"temperature": t, "heldout_nll": nll, "mean_top_prob": top,

@@ -99,20 +99,20 @@ def balanced(predict: Predictor, train_prior: torch.Tensor) -> Predictor:
 
 
 # ------------------------------------------------------------------ the predicted training prior
-def prior_share(predict: Predictor, data: ClientData, cfg: ExperimentConfig, device: torch.device
-                ) -> dict[str, Any]:
+def prior_share(predict: Predictor, data: ClientData, cfg: ExperimentConfig, device: torch.device,
+                temperatures: Sequence[float] = TEMPERATURES) -> dict[str, Any]:
     """A training client's reply to the prior exchange: the model's mean class probabilities on
-    its training images (labels unused), as they are and at each of ``TEMPERATURES``, and its
+    its training images (labels unused), as they are and at each of ``temperatures``, and its
     summed negative log-likelihood at each on the labelled local test split. No image or label
     leaves the node: (num_classes + 1) floats per temperature."""
     train = predict_probs(predict, data.train_x, cfg, device)
-    nll = [0.0] * len(TEMPERATURES)
+    nll = [0.0] * len(temperatures)
     if len(data.test_y):
         held, rows = predict_probs(predict, data.test_x, cfg, device), torch.arange(len(data.test_y))
         nll = [float(-torch.log(tempered(held, t)[rows, data.test_y.long()].clamp_min(1e-12)).sum())
-               for t in TEMPERATURES]
+               for t in temperatures]
     return {MEAN_PROBS_KEY: [float(v) for v in train.mean(0)],
-            TEMPERED_PROBS_KEY: [float(v) for t in TEMPERATURES for v in tempered(train, t).mean(0)],
+            TEMPERED_PROBS_KEY: [float(v) for t in temperatures for v in tempered(train, t).mean(0)],
             HELDOUT_NLL_KEY: nll,
             NUM_HELDOUT_KEY: int(len(data.test_y)), "num_samples": data.num_train}
 
