@@ -127,7 +127,8 @@ def run_one(config: str, label: str, overrides: dict[str, Any], seed: int, resul
 
 # Keys that say where and how a run ran, not what it computed.
 BOOKKEEPING_KEYS = frozenset({"run_name", "results_dir", "resume", "resume_from", "config_path", "data_root",
-                              "cache_dir", "device", "keep_checkpoints", "round_timeout", "wait_for_nodes"})
+                              "cache_dir", "device", "keep_checkpoints", "round_timeout", "wait_for_nodes",
+                              "node_restart_grace"})
 
 
 def stale_keys(summary: dict[str, Any], config: str, overrides: dict[str, Any], seed: int

@@ -81,6 +81,7 @@ class RunSection(Section):
     device: str = "auto"
     round_timeout: float = 3600.0  # seconds to wait for replies in one round
     wait_for_nodes: float = 0.0  # seconds to wait for all SuperNodes to connect (deployment)
+    node_restart_grace: float = 60.0  # seconds a SuperNode that went offline mid-round is waited for (deployment)
     max_update_norm_ratio: float = 100.0  # reject ||update|| > ratio * (||global|| + 1); 0 = off
     robust_aggregation: str = "mean"  # mean | median | trimmed_mean (experts / FedAvg model)
     trim_fraction: float = 0.1  # share trimmed at each end by trimmed_mean
@@ -89,7 +90,7 @@ class RunSection(Section):
     keep_checkpoints: int = 3
 
     def check(self, cfg: "ExperimentConfig") -> None:
-        require(self, ge0=("eval_every", "seed", "max_update_norm_ratio", "wait_for_nodes"),
+        require(self, ge0=("eval_every", "seed", "max_update_norm_ratio", "wait_for_nodes", "node_restart_grace"),
                 ge1=("num_rounds", "keep_checkpoints"), gt0=("round_timeout",),
                 choices={"algorithm": tuple(algorithms.REGISTRY), "device": DEVICES,
                          "robust_aggregation": ROBUST_RULES})

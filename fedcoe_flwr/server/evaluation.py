@@ -84,7 +84,7 @@ class Evaluator:
                                        {**pconfig, "server_round": server_round})
                 for client in range(self.cfg.num_clients)]
         shares = []
-        for reply in send_and_receive(grid, msgs, self.cfg.round_timeout):
+        for reply in send_and_receive(grid, msgs, self.cfg.round_timeout, self.cfg.node_restart_grace):
             if reply.has_error():
                 log(WARNING, "[round %d] training-prior prediction failed on a node: %s", server_round, reply.error)
                 continue
@@ -145,7 +145,7 @@ class Evaluator:
 
     def evaluate(self, grid: Grid, state: ServerState, server_round: int, has_trained: set[int]) -> dict[str, Any]:
         replies = list(send_and_receive(grid, self.personalised_messages(state, server_round, has_trained),
-                                         self.cfg.round_timeout))
+                                         self.cfg.round_timeout, self.cfg.node_restart_grace))
         parts = None
         if self.algorithm.coldstart_needs_client_parts:
             parts = []
@@ -161,7 +161,7 @@ class Evaluator:
             if self.cfg.num_coldstart_clients:
                 replies += list(send_and_receive(grid, self.coldstart_messages(package, server_round, prior,
                                                                                calibration),
-                                                  self.cfg.round_timeout))
+                                                  self.cfg.round_timeout, self.cfg.node_restart_grace))
         record: dict[str, Any] = {"round": server_round}
         record.update(self.global_metrics(state, prior))
         if prior is not None:

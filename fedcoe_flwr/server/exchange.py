@@ -6,8 +6,10 @@ the same node id (node auth keys it by its public key) and asks for new messages
 server would wait out ``round_timeout`` for a reply that never comes (or, once the node is
 back, get ``Message Unavailable`` for it). Here a message whose node re-activated while the
 message was unanswered is sent again, also one already answered by an error (``Node
-Unavailable`` while the node was away) if other replies are still awaited. A node that stays
-away costs no extra wait: its error stands once nothing else is outstanding.
+Unavailable`` while the node was away). A node that went away during the exchange (online when
+it began) is waited for up to ``restart_grace`` seconds after its error, since a restart takes
+longer than the other sites' training on a loaded host; a node already away when the exchange
+began costs no extra wait: its error stands once nothing else is outstanding.
 
 A message sent again carries the same content, so a node that got both (it restarted before
 pulling the first) trains the same round twice from the same private-state version (the
@@ -20,6 +22,7 @@ from logging import WARNING
 from typing import Iterable
 
 from flwr.app import Message
+from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
@@ -46,8 +49,8 @@ def reaches_simulated_nodes(grid: Grid) -> bool:
     return isinstance(grid, InMemoryGrid) or not hasattr(grid, "pull_messages")
 
 
-def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float, poll_s: float = POLL_S
-                     ) -> list[Message]:
+def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float, restart_grace: float = 0.0,
+                     poll_s: float = POLL_S) -> list[Message]:
     """``grid.send_and_receive`` that sends again a message lost to a restarted node (module
     docstring). Each reply's ``reply_to_message_id`` names the message as the caller built it,
     also when the reply answers a copy sent again."""
@@ -55,6 +58,7 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float, po
     if not messages or reaches_simulated_nodes(grid):
         return list(grid.send_and_receive(messages, timeout=timeout))
     seen = activations(grid)  # before the push: an activation after it is a restart
+    seen_at_push = set(seen)
     deadline = time.time() + timeout
     by_id: dict[str, Message] = {}
     pending: dict[str, str] = {}  # id pushed (the message or a copy), not yet answered -> caller's message id
@@ -65,6 +69,7 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float, po
     resends: dict[str, int] = {}
     replies: dict[str, Message] = {}
     errors: dict[str, Message] = {}  # the latest error per message, kept in case its node comes back
+    left_at: dict[str, float] = {}  # message whose node was online at the push and went away -> when
     while True:
         # the message and every copy: a node that restarted before pulling answers the first
         for reply in grid.pull_messages(list(pending)) if pending else []:
@@ -75,8 +80,13 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float, po
             # an error for one copy (the lost original answers `Message Unavailable` once its
             # node re-activates) is final only when no other copy is out
             (errors if reply.has_error() else replies)[mid] = reply
+            if (reply.has_error() and reply.error.code == ErrorCode.NODE_UNAVAILABLE
+                    and by_id[mid].metadata.dst_node_id in seen_at_push):
+                left_at[mid] = time.time()
         waiting = {mid for mid in pending.values() if mid not in replies}
-        if not waiting or time.time() >= deadline:
+        may_come_back = {mid for mid, t in left_at.items() if mid not in replies and mid not in waiting
+                         and resends.get(mid, 0) < MAX_RESENDS and time.time() < t + restart_grace}
+        if not (waiting or may_come_back) or time.time() >= deadline:
             break
         now = activations(grid)
         again = [mid for mid in by_id if mid not in replies and resends.get(mid, 0) < MAX_RESENDS

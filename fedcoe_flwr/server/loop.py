@@ -245,7 +245,7 @@ class RoundLoop:
 
     def train_round(self, grid: Grid, server_round: int) -> dict[str, Any]:
         sent = self.configure_train(server_round)
-        replies = send_and_receive(grid, sent, self.cfg.round_timeout)
+        replies = send_and_receive(grid, sent, self.cfg.round_timeout, self.cfg.node_restart_grace)
         return self.aggregate_train(server_round, replies, sent)
 
     # ------------------------------------------------------------ evaluation

@@ -41,7 +41,7 @@ class NodeDirectory:
         """node id -> its profile, and one line per node that did not answer (with why)."""
         msgs = [self.messenger.query(n, "query.profile") for n in node_ids]
         found, failed = {}, []
-        for reply in send_and_receive(grid, msgs, self.cfg.round_timeout):
+        for reply in send_and_receive(grid, msgs, self.cfg.round_timeout, self.cfg.node_restart_grace):
             if reply.has_error():
                 failed.append(str(reply.error.reason) if reply.error.reason else str(reply.error))
                 continue

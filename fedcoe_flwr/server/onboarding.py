@@ -43,8 +43,8 @@ ALLOWED_METRICS = frozenset({"routing_row", "model_accuracy", "num_test", "num_u
 ACCURACY_PREFIX = "coldstart_accuracy"
 # Keys of a serving run's config taken from the serving run instead of the checkpoint
 # (plus the method's own adaptation switches, ``Params.adaptation_keys``).
-SERVE_KEYS = ("device", "round_timeout", "wait_for_nodes", "eval_batch_size", "serve_from", "serve_max_nodes",
-              "serve_timeout", "results_dir")
+SERVE_KEYS = ("device", "round_timeout", "wait_for_nodes", "node_restart_grace", "eval_batch_size", "serve_from",
+              "serve_max_nodes", "serve_timeout", "results_dir")
 
 
 class OnboardingError(RuntimeError):
@@ -159,7 +159,7 @@ class Onboarder:
             phase, len(package), array_bytes(package) / 1e3, crc, len(msgs), sorted(nodes))
         by_node: dict[int, Message] = {}
         errors: list[str] = []
-        for r in send_and_receive(grid, msgs, self.cfg.round_timeout):
+        for r in send_and_receive(grid, msgs, self.cfg.round_timeout, self.cfg.node_restart_grace):
             if r.has_error():  # error replies come from the SuperLink (src 1), not from the node
                 errors.append(str(r.error))
             else:
