@@ -19,9 +19,8 @@ from pathlib import Path
 import torch
 
 from fedcoe_flwr.algorithms import get_algorithm
-from fedcoe_flwr.algorithms.adaptation import (HELDOUT_NLL_KEY, TEMPERATURES, TEMPERED_PROBS_KEY, em_label_prior,
-                                               federation_calibration, federation_prior, prior_correct, prior_share,
-                                               tempered)
+from fedcoe_flwr.algorithms.adaptation import (HELDOUT_NLL_KEY, TEMPERATURES, em_label_prior, federation_calibration,
+                                               prior_correct, prior_share, tempered, tempered_prior)
 from fedcoe_flwr.algorithms.base import ClientStep, ServerState
 from fedcoe_flwr.algorithms.training import predict_probs
 from fedcoe_flwr.config import from_dict, saved_config
@@ -50,11 +49,9 @@ def scan(run_dir: Path, server_round: int, temperatures: list[float]) -> list[di
     n_held = sum(n for _, n in held)
     cold_probs = [(predict_probs(predict, d.train_x, cfg, CPU), predict_probs(predict, d.test_x, cfg, CPU), d.test_y)
                   for d in cold]
-    size = len(shares[0][TEMPERED_PROBS_KEY]) // len(temperatures)
     rows = []
     for i, t in enumerate(temperatures):
-        prior = federation_prior([s[TEMPERED_PROBS_KEY][i * size:(i + 1) * size] for s in shares],
-                                 [int(s["num_samples"]) for s in shares])
+        prior = tempered_prior(shares, i, len(temperatures))
         nll = sum(s[HELDOUT_NLL_KEY][i] for s in shares) / n_held
         top = sum(float(tempered(h, t).max(1).values.sum()) for h, _ in held) / n_held
         correct = sum(float((prior_correct(tempered(te, t), em_label_prior(tempered(pool, t), prior), prior)

@@ -33,13 +33,11 @@ Predictor = Callable[[torch.Tensor], torch.Tensor]
 TRAIN_PRIOR_KEY = "train_prior"
 # evaluation record key: that prior as the evaluation predicted it (rounded), for onboarding later
 PREDICTED_PRIOR_RECORD = "predicted_train_prior"
-# metrics key of a prior reply: the client's mean predicted class probabilities on its training images
-MEAN_PROBS_KEY = "mean_probs"
 # The temperatures the federation calibrates a new-client model with before EM; 1.0 (the model
 # as it is) first, so that it wins ties.
 TEMPERATURES = (1.0, 0.75, 1.25, 1.5, 2.0, 3.0)
-# metrics keys of a prior reply: the mean probabilities at each temperature (flattened,
-# temperature-major) and the summed NLL at each on the labelled local test split, of that many images
+# metrics keys of a prior reply: the client's mean predicted class probabilities on its training
+# images at each temperature (flattened, temperature-major; T=1 first) and the summed NLL at each on the labelled local test split, of that many images
 TEMPERED_PROBS_KEY = "mean_probs_tempered"
 HELDOUT_NLL_KEY = "heldout_nll"
 NUM_HELDOUT_KEY = "num_heldout"
@@ -102,17 +100,16 @@ def balanced(predict: Predictor, train_prior: torch.Tensor) -> Predictor:
 def prior_share(predict: Predictor, data: ClientData, cfg: ExperimentConfig, device: torch.device,
                 temperatures: Sequence[float] = TEMPERATURES) -> dict[str, Any]:
     """A training client's reply to the prior exchange: the model's mean class probabilities on
-    its training images (labels unused), as they are and at each of ``temperatures``, and its
-    summed negative log-likelihood at each on the labelled local test split. No image or label
-    leaves the node: (num_classes + 1) floats per temperature."""
+    its training images (labels unused) at each of ``temperatures``, and its summed negative
+    log-likelihood at each on the labelled local test split. No image or label leaves the node:
+    (num_classes + 1) floats per temperature."""
     train = predict_probs(predict, data.train_x, cfg, device)
     nll = [0.0] * len(temperatures)
     if len(data.test_y):
         held, rows = predict_probs(predict, data.test_x, cfg, device), torch.arange(len(data.test_y))
         nll = [float(-torch.log(tempered(held, t)[rows, data.test_y.long()].clamp_min(1e-12)).sum())
                for t in temperatures]
-    return {MEAN_PROBS_KEY: [float(v) for v in train.mean(0)],
-            TEMPERED_PROBS_KEY: [float(v) for t in temperatures for v in tempered(train, t).mean(0)],
+    return {TEMPERED_PROBS_KEY: [float(v) for t in temperatures for v in tempered(train, t).mean(0)],
             HELDOUT_NLL_KEY: nll,
             NUM_HELDOUT_KEY: int(len(data.test_y)), "num_samples": data.num_train}
 
@@ -136,9 +133,18 @@ def federation_calibration(shares: Sequence[Mapping[str, Any]]) -> Calibration |
         return None
     nll = [sum(float(s[HELDOUT_NLL_KEY][i]) for s in held) for i in range(len(TEMPERATURES))]
     best = min(range(len(TEMPERATURES)), key=lambda i: (nll[i], i))
-    size = len(trained[0][TEMPERED_PROBS_KEY]) // len(TEMPERATURES)
-    rows = [list(s[TEMPERED_PROBS_KEY])[best * size:(best + 1) * size] for s in trained]
-    return Calibration(TEMPERATURES[best], federation_prior(rows, [int(s["num_samples"]) for s in trained]))
+    return Calibration(TEMPERATURES[best], tempered_prior(trained, best))
+
+
+def tempered_prior(shares: Sequence[Mapping[str, Any]], index: int, num_temperatures: int = len(TEMPERATURES)
+                   ) -> torch.Tensor:
+    """``federation_prior`` of the training clients' shares at the ``index``-th of the
+    ``num_temperatures`` temperatures they were computed at (index 0 of ``TEMPERATURES``: the
+    model as it is)."""
+    trained = [s for s in shares if int(s["num_samples"]) > 0]
+    size = len(trained[0][TEMPERED_PROBS_KEY]) // num_temperatures if trained else 0
+    return federation_prior([list(s[TEMPERED_PROBS_KEY])[index * size:(index + 1) * size] for s in trained],
+                            [int(s["num_samples"]) for s in trained])
 
 
 def federation_prior(rows: Sequence[Sequence[float]], weights: Sequence[int]) -> torch.Tensor:

@@ -19,9 +19,8 @@ from flwr.app import Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from ..algorithms.adaptation import (MEAN_PROBS_KEY, PREDICTED_PRIOR_RECORD, TEMPERATURE_RECORD, TRAIN_PRIOR_KEY,
-                                     Calibration, balanced, calibration_config, federation_calibration,
-                                     federation_prior)
+from ..algorithms.adaptation import (PREDICTED_PRIOR_RECORD, TEMPERATURE_RECORD, TRAIN_PRIOR_KEY, Calibration,
+                                     balanced, calibration_config, federation_calibration, tempered_prior)
 from ..algorithms.base import Algorithm, ServerState
 from ..algorithms.specialisation import COUNTS_KEY, mean_client_mi_bits
 from ..algorithms.training import accuracy
@@ -89,10 +88,8 @@ class Evaluator:
                 log(WARNING, "[round %d] training-prior prediction failed on a node: %s", server_round, reply.error)
                 continue
             shares.append(reply.content.metric_records[METRICS])
-        trained = [m for m in shares if int(m["num_samples"]) > 0]
-        prior = federation_prior([list(m[MEAN_PROBS_KEY]) for m in trained],
-                                 [int(m["num_samples"]) for m in trained]) if trained else None
-        return prior, federation_calibration(shares)
+        trained = any(int(m["num_samples"]) > 0 for m in shares)
+        return (tempered_prior(shares, 0) if trained else None), federation_calibration(shares)
 
     def client_metrics(self, server_round: int, replies: Iterable[Message]) -> dict[str, Any]:
         personal: list[tuple[float, int, float | None]] = []

@@ -11,7 +11,7 @@ from torch import nn
 from fedcoe_flwr.algorithms.adaptation import (HELDOUT_NLL_KEY, NUM_HELDOUT_KEY, TEMPERATURES, TEMPERED_PROBS_KEY,
                                                Calibration, balanced, calibration_config, calibration_of,
                                                federation_calibration, federation_prior, label_free_scores,
-                                               prior_correct, reestimate_batchnorm, tempered)
+                                               prior_correct, reestimate_batchnorm, tempered, tempered_prior)
 from fedcoe_flwr.config import from_dict
 from fedcoe_flwr.server.loop import RoundLoop
 from harness import InProcessGrid
@@ -101,6 +101,17 @@ def test_label_free_scores_run_adabn_only_where_there_is_batchnorm():
 def share(nll: list[float], rows: list[list[float]], num_samples: int = 10, num_heldout: int = 5) -> dict:
     return {TEMPERED_PROBS_KEY: [v for row in rows for v in row], HELDOUT_NLL_KEY: nll,
             NUM_HELDOUT_KEY: num_heldout, "num_samples": num_samples}
+
+
+def test_the_prior_at_a_temperature_is_its_block_weighted_by_training_images():
+    k = len(TEMPERATURES)
+    rows = [[0.5, 0.5]] + [[0.9, 0.1]] * (k - 1)
+    shares = [share([0.0] * k, rows, num_samples=1), share([0.0] * k, [[1.0, 0.0]] * k, num_samples=3),
+              share([0.0] * k, [[0.0, 1.0]] * k, num_samples=0)]  # no training images: left out
+    assert tempered_prior(shares, 0).tolist() == pytest.approx([0.875, 0.125], abs=1e-5)  # T=1: the model as is
+    assert tempered_prior(shares, 1).tolist() == pytest.approx([0.975, 0.025], abs=1e-5)
+    scan = [share([0.0] * 3, [[0.5, 0.5], [0.2, 0.8], [0.4, 0.6]])]  # a scan's own 3 temperatures
+    assert tempered_prior(scan, 2, num_temperatures=3).tolist() == pytest.approx([0.4, 0.6], abs=1e-5)
 
 
 def test_the_federation_keeps_the_temperature_of_lowest_total_nll_and_the_prior_at_it():
