@@ -37,15 +37,18 @@ PREDICTED_PRIOR_RECORD = "predicted_train_prior"
 # as it is) first, so that it wins ties.
 TEMPERATURES = (1.0, 0.75, 1.25, 1.5, 2.0, 3.0)
 # metrics keys of a prior reply: the client's mean predicted class probabilities on its training
-# images at each temperature (flattened, temperature-major; T=1 first) and the summed NLL at each on the labelled local test split, of that many images
+# images at each temperature (flattened, temperature-major; T=1 first) and the summed NLL at each
+# on the labelled local test split, of that many images
 TEMPERED_PROBS_KEY = "mean_probs_tempered"
 HELDOUT_NLL_KEY = "heldout_nll"
 NUM_HELDOUT_KEY = "num_heldout"
 # config keys of a cold-start message: the federation's temperature and its prior at that temperature
 TEMPERATURE_KEY = "temperature"
 CALIBRATED_PRIOR_KEY = "calibrated_train_prior"
-# evaluation record key: the temperature the evaluation chose
+# evaluation record keys: the temperature the evaluation chose and the prior at it (rounded),
+# for onboarding later
 TEMPERATURE_RECORD = "coldstart_temperature"
+CALIBRATED_PRIOR_RECORD = "coldstart_calibrated_prior"
 
 
 # ------------------------------------------------------------------ label-shift arithmetic
@@ -176,6 +179,23 @@ def calibration_config(calibration: Calibration | None) -> dict[str, Any]:
         return {}
     return {TEMPERATURE_KEY: float(calibration.temperature),
             CALIBRATED_PRIOR_KEY: [float(v) for v in calibration.prior]}
+
+
+def calibration_record(calibration: Calibration | None) -> dict[str, Any]:
+    """``calibration`` as evaluation record keys (``latest_calibration`` reads them back)."""
+    if calibration is None:
+        return {}
+    return {TEMPERATURE_RECORD: float(calibration.temperature),
+            CALIBRATED_PRIOR_RECORD: [round(float(v), 5) for v in calibration.prior]}
+
+
+def latest_calibration(history: Iterable[Mapping[str, Any]]) -> Calibration | None:
+    """The federation's calibration as the newest evaluation in ``history`` chose it, or None."""
+    found = [r for r in history if r.get(TEMPERATURE_RECORD) is not None and r.get(CALIBRATED_PRIOR_RECORD)]
+    if not found:
+        return None
+    newest = found[-1]
+    return Calibration(float(newest[TEMPERATURE_RECORD]), as_prior([float(v) for v in newest[CALIBRATED_PRIOR_RECORD]]))
 
 
 def latest_predicted_prior(history: Iterable[Mapping[str, Any]]) -> list[float] | None:

@@ -19,8 +19,8 @@ from flwr.app import Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from ..algorithms.adaptation import (PREDICTED_PRIOR_RECORD, TEMPERATURE_RECORD, TRAIN_PRIOR_KEY, Calibration,
-                                     balanced, calibration_config, federation_calibration, tempered_prior)
+from ..algorithms.adaptation import (PREDICTED_PRIOR_RECORD, TRAIN_PRIOR_KEY, Calibration, balanced,
+                                     calibration_config, calibration_record, federation_calibration, tempered_prior)
 from ..algorithms.base import Algorithm, ServerState
 from ..algorithms.specialisation import COUNTS_KEY, mean_client_mi_bits
 from ..algorithms.training import accuracy
@@ -163,8 +163,7 @@ class Evaluator:
         record.update(self.global_metrics(state, prior))
         if prior is not None:
             record[PREDICTED_PRIOR_RECORD] = [round(float(v), 5) for v in prior]
-        if calibration is not None and self.cfg.num_coldstart_clients:
-            record[TEMPERATURE_RECORD] = calibration.temperature
+        record.update(calibration_record(calibration))  # what a site onboarded later calibrates with
         record.update(self.client_metrics(server_round, replies))
         for key in ("global_accuracy", "personalized_accuracy", "coldstart_accuracy"):
             record.setdefault(key, None)

@@ -25,7 +25,7 @@ from flwr.app import Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from ..algorithms.adaptation import TRAIN_PRIOR_KEY, latest_predicted_prior
+from ..algorithms.adaptation import TRAIN_PRIOR_KEY, calibration_config, latest_calibration, latest_predicted_prior
 from ..algorithms.base import Algorithm, ServerState
 from ..algorithms import algorithm_class, get_algorithm
 from ..config import ExperimentConfig, from_dict, saved_config
@@ -129,10 +129,13 @@ class Onboarder:
         # the federation's predicted training prior of the newest evaluation: a new node's EM
         # starts from the same prior as the cold-start clients the evaluation scored
         self.train_prior: list[float] | None = None
+        self.calibration = None  # and its temperature with the prior at it (em_calibrated)
 
     def follow(self, history: Iterable[Mapping[str, Any]]) -> None:
-        """Take the training prior the newest evaluation in ``history`` predicted (if any did)."""
+        """Take the training prior and the calibration the newest evaluation in ``history``
+        predicted (if any did)."""
         self.train_prior = latest_predicted_prior(history) or self.train_prior
+        self.calibration = latest_calibration(history) or self.calibration
 
     def onboard(self, grid: Grid, nodes: Mapping[int, Mapping[str, Any]], state: ServerState,
                 package_round: int, phase: str, decide: Any = None) -> list[dict[str, Any]]:
@@ -149,6 +152,7 @@ class Onboarder:
         crc = tensors_crc(package)  # the node checks it on arrival
         if self.train_prior is not None:
             pconfig = {**pconfig, TRAIN_PRIOR_KEY: self.train_prior}
+        pconfig = {**pconfig, **calibration_config(self.calibration)}
         config = {**pconfig, "server_round": package_round, "package_round": package_round, "package_crc": crc,
                   "run_name": self.cfg.resolved_run_name}
         content = RecordDict({ARRAYS: to_array_record(package), CONFIG: config_record(config),

@@ -15,7 +15,7 @@ from fedcoe_flwr.bundle import load_bundle
 from fedcoe_flwr.client.onboarding import handle_onboard
 from fedcoe_flwr.server import onboarding as onboard
 from fedcoe_flwr.algorithms import get_algorithm
-from fedcoe_flwr.algorithms.adaptation import TRAIN_PRIOR_KEY
+from fedcoe_flwr.algorithms.adaptation import TRAIN_PRIOR_KEY, Calibration, calibration_of
 from fedcoe_flwr.algorithms.fedcoe.coldstart import coldstart_evaluate
 from fedcoe_flwr.data import load_site_data
 from tools.deploy.sites import export_sites
@@ -149,6 +149,11 @@ def test_onboard_strategy_detects_a_joining_node_and_lets_it_train(sites, tmp_pa
     assert onboard.read_registry(strategy.run_dir.path) == [entry]
     (package_msg,) = [m for m in grid.sent if m.metadata.message_type == "query.onboard"]
     assert list(package_msg.content.config_records[CONFIG][TRAIN_PRIOR_KEY]) == pytest.approx(predicted)
+    # ... with the evaluation's temperature and the prior at it: the new site's em_calibrated
+    record, sent = strategy.history[-1], calibration_of(package_msg.content.config_records[CONFIG])
+    assert sent.temperature == record["coldstart_temperature"]
+    assert sent.prior.tolist() == pytest.approx(record["coldstart_calibrated_prior"], abs=1e-4)
+    assert 0.0 <= entry["metrics"]["coldstart_accuracy_em_calibrated"] <= 1.0
     assert strategy.check_new_nodes(grid, 1, "again") == []  # known now
     msgs = list(strategy.configure_train(2))
     assert sorted(m.metadata.dst_node_id for m in msgs) == [100, 101, 102, 200]
@@ -167,7 +172,11 @@ def test_onboard_serving_mode_from_a_checkpoint_needs_no_training_client(sites, 
     state = get_algorithm("fedcoe").init_state(cfg, len(folders.class_names))
     # the newest evaluation's predicted training prior (not the package's own): the new node's EM starts there
     skewed = [0.7] + [0.3 / (len(folders.class_names) - 1)] * (len(folders.class_names) - 1)
-    history = [{"round": 2, "predicted_train_prior": [0.25] * 4}, {"round": 3, "predicted_train_prior": skewed}]
+    flat = [1 / len(folders.class_names)] * len(folders.class_names)
+    history = [{"round": 2, "predicted_train_prior": [0.25] * 4, "coldstart_temperature": 2.0,
+                "coldstart_calibrated_prior": flat},
+               {"round": 3, "predicted_train_prior": skewed, "coldstart_temperature": 1.5,
+                "coldstart_calibrated_prior": skewed}]
     torch.save(to_payload({"round": 3, "arrays": state.arrays, "extra": state.extra, "config": cfg.to_dict(),
                            "history": history}), run_dir / "final_state.pt")
     grid = InProcessGrid({300: {"data-dir": str(folders.coldstart[0]), "cold-start": True,
@@ -179,8 +188,12 @@ def test_onboard_serving_mode_from_a_checkpoint_needs_no_training_client(sites, 
     assert [m.metadata.message_type for m in grid.sent] == ["query.onboard"]
     assert list(grid.sent[0].content.config_records[CONFIG][TRAIN_PRIOR_KEY]) == pytest.approx(skewed)
     data = load_site_data(folders.coldstart[0], cfg, need_train=False)
-    offline = coldstart_evaluate(state.arrays, data, cfg, len(folders.class_names), CPU, torch.tensor(skewed))
+    calibration = Calibration(1.5, torch.tensor(skewed))
+    assert calibration_of(grid.sent[0].content.config_records[CONFIG]).temperature == 1.5  # the newest
+    offline = coldstart_evaluate(state.arrays, data, cfg, len(folders.class_names), CPU, torch.tensor(skewed),
+                                 calibration)
     assert entry["metrics"]["coldstart_accuracy"] == offline["coldstart_accuracy"]
+    assert entry["metrics"]["coldstart_accuracy_em_calibrated"] == offline["coldstart_accuracy_em_calibrated"]
     assert entry["metrics"]["coldstart_accuracy"] == entry["metrics"]["coldstart_accuracy_em"]
     assert onboard.read_registry(run_dir)[0]["node_id"] == 300
     assert (tmp_path / "node" / "model.pt").is_file()
