@@ -84,7 +84,7 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float, re
                     and by_id[mid].metadata.dst_node_id in seen_at_push):
                 left_at[mid] = time.time()
         waiting = {mid for mid in pending.values() if mid not in replies}
-        may_come_back = {mid for mid, t in left_at.items() if mid not in replies and mid not in waiting
+        may_come_back = {mid for mid, t in left_at.items() if mid not in replies
                          and resends.get(mid, 0) < MAX_RESENDS and time.time() < t + restart_grace}
         if not (waiting or may_come_back) or time.time() >= deadline:
             break
