@@ -218,11 +218,12 @@ class FedCoE(Algorithm):
         return cfg.num_experts
 
     def onboard(self, step: ClientStep, unlabeled: torch.Tensor) -> tuple[dict[str, Any], list[float] | None]:
-        new = adapt_new_client(step.arrays, unlabeled, step.cfg, step.num_classes, step.device, prior_of(step.config))
+        new = adapt_new_client(step.arrays, unlabeled, step.cfg, step.num_classes, step.device, prior_of(step.config),
+                               calibration_of(step.config))
         bundle = {"expert_ids": list(new.model.expert_ids),
                   "arrays": {k: v.detach().cpu().clone() for k, v in new.model.shared_state().items()},
                   "adabn": new.adabn, "prior": None if new.prior is None else new.prior.cpu(),
-                  "train_prior": new.train_prior}
+                  "train_prior": new.train_prior, "temperature": new.temperature}
         return bundle, [float(v) for v in new.row]
 
     def bundle_predictor(self, bundle: Mapping[str, Any], cfg: ExperimentConfig, num_classes: int,
@@ -231,7 +232,7 @@ class FedCoE(Algorithm):
         model.load_shared(bundle["arrays"])
         model.to(device).eval()
         return NewClientModel(model, torch.zeros(0), bool(bundle.get("adabn")), bundle.get("prior"),
-                              bundle["train_prior"]).predict
+                              bundle["train_prior"], float(bundle.get("temperature", 1.0))).predict
 
     def global_diagnostics(self, state, cfg, num_classes, device, x, y):
         """Each expert alone (with the trunk when shared) on the global test set and the pool's

@@ -1,5 +1,6 @@
 """A new client's model from the pool with no gradient step: route on its unlabeled
-images, keep its top-m experts when configured, AdaBN, EM label-prior correction.
+images, keep its top-m experts when configured, AdaBN, EM label-prior correction (on the
+posteriors at the federation's temperature when the package carries one).
 ``adapt_new_client`` is the one adaptation that cold-start evaluation scores and that an
 onboarded node saves; ``coldstart_evaluate`` also reports each adaptation on and off."""
 
@@ -13,7 +14,7 @@ import torch
 from ...config import ExperimentConfig
 from ...data import ClientData
 from ..adaptation import (Calibration, as_prior, coldstart_record, em_label_prior, label_free_scores,
-                          prior_correct, reestimate_batchnorm)
+                          prior_correct, reestimate_batchnorm, tempered)
 from ..training import accuracy, predict_probs
 from .aggregation import expert_set
 from .model import TRAIN_PRIOR, FedCoEModel
@@ -55,35 +56,42 @@ def route(model: FedCoEModel, unlabeled: torch.Tensor, cfg: ExperimentConfig, de
 @dataclass
 class NewClientModel:
     """A new client's adapted model: the routed pool, its routing row, whether AdaBN ran,
-    and EM's estimate of its label prior (None without EM) against the training prior."""
+    and EM's estimate of its label prior (None without EM) against the training prior, both on
+    the posteriors at ``temperature``."""
 
     model: FedCoEModel
     row: torch.Tensor
     adabn: bool
     prior: torch.Tensor | None
     train_prior: torch.Tensor
+    temperature: float = 1.0
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         probs = self.model.mixture(x)[0]
         if self.prior is None:
             return probs
-        return prior_correct(probs.float().cpu(), self.prior, self.train_prior)
+        return prior_correct(tempered(probs.float().cpu(), self.temperature), self.prior, self.train_prior)
 
 
 def adapt_new_client(arrays: Mapping[str, torch.Tensor], unlabeled: torch.Tensor, cfg: ExperimentConfig,
-                     num_classes: int, device: torch.device, predicted_prior: torch.Tensor | None = None
-                     ) -> NewClientModel:
+                     num_classes: int, device: torch.device, predicted_prior: torch.Tensor | None = None,
+                     calibration: Calibration | None = None) -> NewClientModel:
     """The configured adaptation, in this order: route (top-m), AdaBN, EM prior (from
-    ``training_prior``)."""
+    ``training_prior``; with ``calibration`` and ``coldstart_prior: predicted``, on the posteriors
+    at the federation's temperature from the prior predicted at it, as ``em_calibrated``: EM at
+    temperature 1 needs calibrated posteriors, which a model trained for long no longer gives)."""
     model = pool_model(arrays, cfg, num_classes, device)
     row = route(model, unlabeled, cfg, device)
     adabn = bool(cfg.coldstart_adabn) and reestimate_batchnorm(model, unlabeled, cfg, device)
     train_prior = training_prior(arrays, cfg, num_classes, predicted_prior)
-    prior = None
+    prior, temperature = None, 1.0
     if cfg.coldstart_em:
-        prior = em_label_prior(predict_probs(lambda x: model.mixture(x)[0], unlabeled, cfg, device), train_prior)
-    return NewClientModel(model, row, adabn, prior, train_prior)
+        if calibration is not None and cfg.coldstart_prior == "predicted":
+            train_prior, temperature = calibration.prior, float(calibration.temperature)
+        probs = tempered(predict_probs(lambda x: model.mixture(x)[0], unlabeled, cfg, device), temperature)
+        prior = em_label_prior(probs, train_prior)
+    return NewClientModel(model, row, adabn, prior, train_prior, temperature)
 
 
 def coldstart_evaluate(arrays: Mapping[str, torch.Tensor], data: ClientData, cfg: ExperimentConfig,
@@ -101,7 +109,7 @@ def coldstart_evaluate(arrays: Mapping[str, torch.Tensor], data: ClientData, cfg
     scores = label_free_scores(lambda x: model.mixture(x)[0], [model], unlabeled, data.test_x, data.test_y,
                                training_prior(arrays, cfg, num_classes) if train_prior is None else train_prior,
                                cfg, device, calibration)
-    configured = adapt_new_client(arrays, unlabeled, cfg, num_classes, device, train_prior)
+    configured = adapt_new_client(arrays, unlabeled, cfg, num_classes, device, train_prior, calibration)
     out: dict[str, Any] = coldstart_record(
         scores, accuracy(configured.predict, data.test_x, data.test_y, cfg, device))
     out["routing_row"] = [float(v) for v in row]

@@ -170,3 +170,39 @@ def test_configured_coldstart_starts_em_from_the_evaluations_predicted_prior(mak
     uniform = adapt_new_client(arrays, data.train_x, cfg.replace(coldstart_prior="uniform"), 4, cpu,
                                torch.tensor(predicted))
     torch.testing.assert_close(uniform.train_prior, torch.full((4,), 0.25))
+
+
+def test_configured_coldstart_runs_em_at_the_federations_temperature(make_cfg, cpu):
+    """With the federation's calibration in the package, the configured adaptation (what an
+    onboarded node keeps) is EM on the posteriors at that temperature from the prior predicted at
+    it: the reported ``em_calibrated`` variant, and the saved model predicts the same."""
+    from fedcoe_flwr.algorithms.adaptation import Calibration, calibration_config, tempered
+    from fedcoe_flwr.algorithms.fedcoe.coldstart import adapt_new_client, pool_model
+    from fedcoe_flwr.algorithms.training import predict_probs
+
+    cfg = make_cfg(num_experts=2, norm="group")
+    algo = FedCoE()
+    state = algo.init_state(cfg, 4)
+    arrays, config = algo.coldstart_payload(state, cfg)
+    data = load_client_data(cfg, cfg.num_clients)
+    calibration = Calibration(3.0, torch.tensor([0.55, 0.25, 0.15, 0.05]))
+    step = ClientStep(arrays=arrays, config={**config, **calibration_config(calibration)}, data=data, cfg=cfg,
+                      num_classes=4, device=cpu, private=None)
+    out = algo.client_coldstart(step)
+    assert out["coldstart_accuracy"] == out["coldstart_accuracy_em_calibrated"]
+
+    new = adapt_new_client(arrays, data.train_x, cfg, 4, cpu, calibration=calibration)
+    assert new.temperature == 3.0
+    torch.testing.assert_close(new.train_prior, calibration.prior)
+    pool = pool_model(arrays, cfg, 4, cpu)
+    probs = tempered(predict_probs(lambda x: pool.mixture(x)[0], data.train_x, cfg, cpu), 3.0)
+    torch.testing.assert_close(new.prior, em_label_prior(probs, calibration.prior))
+    x = normalize(data.test_x[:16])
+    expected = prior_correct(tempered(pool.mixture(x)[0].detach(), 3.0), new.prior, calibration.prior)
+    torch.testing.assert_close(new.predict(x), expected)
+    plain = adapt_new_client(arrays, data.train_x, cfg, 4, cpu)
+    assert plain.temperature == 1.0 and not torch.allclose(plain.prior, new.prior)
+
+    bundle, _ = algo.onboard(step, data.train_x)
+    assert bundle["temperature"] == 3.0
+    torch.testing.assert_close(algo.bundle_predictor(bundle, cfg, 4, cpu)(x), expected)
