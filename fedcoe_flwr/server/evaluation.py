@@ -27,7 +27,7 @@ from ..algorithms.training import accuracy
 from ..config import ExperimentConfig
 from ..data import load_global_test
 from ..records import ARRAYS, METRICS, from_array_record
-from .exchange import send_and_receive
+from .exchange import exchange
 from .messages import Messenger
 from .nodes import NodeDirectory
 
@@ -83,7 +83,7 @@ class Evaluator:
                                        {**pconfig, "server_round": server_round})
                 for client in range(self.cfg.num_clients)]
         shares = []
-        for reply in send_and_receive(grid, msgs, self.cfg.round_timeout, self.cfg.node_restart_grace):
+        for reply in exchange(grid, msgs, self.cfg):
             if reply.has_error():
                 log(WARNING, "[round %d] training-prior prediction failed on a node: %s", server_round, reply.error)
                 continue
@@ -141,8 +141,7 @@ class Evaluator:
         return out
 
     def evaluate(self, grid: Grid, state: ServerState, server_round: int, has_trained: set[int]) -> dict[str, Any]:
-        replies = list(send_and_receive(grid, self.personalised_messages(state, server_round, has_trained),
-                                         self.cfg.round_timeout, self.cfg.node_restart_grace))
+        replies = list(exchange(grid, self.personalised_messages(state, server_round, has_trained), self.cfg))
         parts = None
         if self.algorithm.coldstart_needs_client_parts:
             parts = []
@@ -156,9 +155,8 @@ class Evaluator:
             package = self.algorithm.coldstart_payload(state, self.cfg, parts)
             prior, calibration = self.predicted_prior(grid, package, server_round)
             if self.cfg.num_coldstart_clients:
-                replies += list(send_and_receive(grid, self.coldstart_messages(package, server_round, prior,
-                                                                               calibration),
-                                                  self.cfg.round_timeout, self.cfg.node_restart_grace))
+                cold = self.coldstart_messages(package, server_round, prior, calibration)
+                replies += list(exchange(grid, cold, self.cfg))
         record: dict[str, Any] = {"round": server_round}
         record.update(self.global_metrics(state, prior))
         if prior is not None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from logging import WARNING
-from typing import Iterable
+from typing import Iterable, Protocol
 
 from flwr.app import Message
 from flwr.common.constant import ErrorCode
@@ -47,6 +47,18 @@ def reaches_simulated_nodes(grid: Grid) -> bool:
     from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
     return isinstance(grid, InMemoryGrid) or not hasattr(grid, "pull_messages")
+
+
+class Deadlines(Protocol):
+    """What an exchange waits for (the run section of a config has both)."""
+
+    round_timeout: float
+    node_restart_grace: float
+
+
+def exchange(grid: Grid, messages: Iterable[Message], deadlines: Deadlines) -> list[Message]:
+    """``send_and_receive`` with a run's ``round_timeout`` and ``node_restart_grace``."""
+    return send_and_receive(grid, messages, deadlines.round_timeout, deadlines.node_restart_grace)
 
 
 def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float, restart_grace: float = 0.0,

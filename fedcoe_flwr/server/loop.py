@@ -32,7 +32,7 @@ from ..records import ARRAYS, METRICS, array_bytes, experiment_record, from_arra
 from .callbacks import Callback, CheckpointError, Checkpoints, MetricsFiles, Plots, Summary, TensorBoard
 from .callbacks.checkpoint import load_checkpoint, runs_with_checkpoints
 from .evaluation import Evaluator
-from .exchange import send_and_receive
+from .exchange import exchange
 from .messages import Messenger
 from .nodes import FederationError, NodeDirectory
 from .onboarding import Onboarder
@@ -245,7 +245,7 @@ class RoundLoop:
 
     def train_round(self, grid: Grid, server_round: int) -> dict[str, Any]:
         sent = self.configure_train(server_round)
-        replies = send_and_receive(grid, sent, self.cfg.round_timeout, self.cfg.node_restart_grace)
+        replies = exchange(grid, sent, self.cfg)
         return self.aggregate_train(server_round, replies, sent)
 
     # ------------------------------------------------------------ evaluation

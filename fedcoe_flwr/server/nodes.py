@@ -14,7 +14,7 @@ from flwr.serverapp import Grid
 from ..algorithms.base import Algorithm, ServerState
 from ..config import ExperimentConfig
 from ..records import CONFIG
-from .exchange import send_and_receive
+from .exchange import exchange
 from .messages import Messenger
 from .onboarding import Onboarder
 
@@ -41,7 +41,7 @@ class NodeDirectory:
         """node id -> its profile, and one line per node that did not answer (with why)."""
         msgs = [self.messenger.query(n, "query.profile") for n in node_ids]
         found, failed = {}, []
-        for reply in send_and_receive(grid, msgs, self.cfg.round_timeout, self.cfg.node_restart_grace):
+        for reply in exchange(grid, msgs, self.cfg):
             if reply.has_error():
                 failed.append(str(reply.error.reason) if reply.error.reason else str(reply.error))
                 continue

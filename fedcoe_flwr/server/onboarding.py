@@ -33,7 +33,7 @@ from ..fileio import append_jsonl, read_jsonl
 from ..records import (ARRAYS, CONFIG, EXPERIMENT, METRICS, array_bytes, config_record, experiment_record,
                        tensors_crc, to_array_record)
 from .callbacks.checkpoint import CheckpointError, load_checkpoint
-from .exchange import send_and_receive
+from .exchange import exchange
 
 REGISTRY = "onboarding.jsonl"
 # Everything a node may report back (all numbers): the routing row, counts, and its
@@ -163,7 +163,7 @@ class Onboarder:
             phase, len(package), array_bytes(package) / 1e3, crc, len(msgs), sorted(nodes))
         by_node: dict[int, Message] = {}
         errors: list[str] = []
-        for r in send_and_receive(grid, msgs, self.cfg.round_timeout, self.cfg.node_restart_grace):
+        for r in exchange(grid, msgs, self.cfg):
             if r.has_error():  # error replies come from the SuperLink (src 1), not from the node
                 errors.append(str(r.error))
             else:
