@@ -141,7 +141,7 @@ class Evaluator:
         return out
 
     def evaluate(self, grid: Grid, state: ServerState, server_round: int, has_trained: set[int]) -> dict[str, Any]:
-        replies = list(exchange(grid, self.personalised_messages(state, server_round, has_trained), self.cfg))
+        replies = exchange(grid, self.personalised_messages(state, server_round, has_trained), self.cfg)
         parts = None
         if self.algorithm.coldstart_needs_client_parts:
             parts = []
@@ -156,7 +156,7 @@ class Evaluator:
             prior, calibration = self.predicted_prior(grid, package, server_round)
             if self.cfg.num_coldstart_clients:
                 cold = self.coldstart_messages(package, server_round, prior, calibration)
-                replies += list(exchange(grid, cold, self.cfg))
+                replies += exchange(grid, cold, self.cfg)
         record: dict[str, Any] = {"round": server_round}
         record.update(self.global_metrics(state, prior))
         if prior is not None:

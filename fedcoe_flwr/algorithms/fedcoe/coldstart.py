@@ -88,7 +88,7 @@ def adapt_new_client(arrays: Mapping[str, torch.Tensor], unlabeled: torch.Tensor
     prior, temperature = None, 1.0
     if cfg.coldstart_em:
         if calibration is not None and cfg.coldstart_prior == "predicted":
-            train_prior, temperature = calibration.prior, float(calibration.temperature)
+            train_prior, temperature = calibration.prior, calibration.temperature
         probs = tempered(predict_probs(lambda x: model.mixture(x)[0], unlabeled, cfg, device), temperature)
         prior = em_label_prior(probs, train_prior)
     return NewClientModel(model, row, adabn, prior, train_prior, temperature)
