@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -23,22 +24,30 @@ from fedcoe_flwr.algorithms.adaptation import (HELDOUT_NLL_KEY, TEMPERATURES, em
                                                prior_correct, prior_share, tempered, tempered_prior)
 from fedcoe_flwr.algorithms.base import ClientStep, ServerState
 from fedcoe_flwr.algorithms.training import predict_probs
-from fedcoe_flwr.config import from_dict, saved_config
+from fedcoe_flwr.config import ExperimentConfig, from_dict, saved_config
 from fedcoe_flwr.data import federation_classes, load_client_data
 from fedcoe_flwr.server.callbacks.checkpoint import CheckpointError, load_checkpoint
 
 CPU = torch.device("cpu")
 
 
-def scan(run_dir: Path, server_round: int, temperatures: list[float]) -> list[dict[str, float]]:
+def saved_package(run_dir: Path, server_round: int) -> tuple[ExperimentConfig, ServerState, dict, int]:
+    """A saved round's config, server state, cold-start package and number of classes."""
     payload = load_checkpoint(run_dir / "checkpoints" / f"round-{server_round:05d}.pt")
     cfg = from_dict(saved_config(payload["config"]))
     algorithm = get_algorithm(cfg.algorithm)
     if algorithm.coldstart_needs_client_parts:
         raise SystemExit(f"{cfg.algorithm}'s new-client model averages the clients' private parts, "
                          "which a checkpoint does not hold")
-    arrays, config = algorithm.coldstart_payload(ServerState(payload["arrays"], payload["extra"]), cfg, None)
-    num_classes = len(federation_classes(cfg))
+    state = ServerState(payload["arrays"], payload["extra"])
+    arrays, _ = algorithm.coldstart_payload(state, cfg, None)
+    return cfg, state, arrays, len(federation_classes(cfg))
+
+
+def scan(run_dir: Path, server_round: int, temperatures: list[float]) -> list[dict[str, float]]:
+    cfg, state, arrays, num_classes = saved_package(run_dir, server_round)
+    algorithm = get_algorithm(cfg.algorithm)
+    _, config = algorithm.coldstart_payload(state, cfg, None)
     predict, _ = algorithm.new_client_model(ClientStep(arrays, config, None, None, cfg, num_classes, CPU))
     train = [load_client_data(cfg, i) for i in range(cfg.num_clients)]
     cold = [load_client_data(cfg, cfg.num_clients + i) for i in range(cfg.num_coldstart_clients)]
@@ -68,20 +77,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("rounds", type=int, nargs="+")
     parser.add_argument("--temperatures", type=float, nargs="+", default=sorted(TEMPERATURES))
     args = parser.parse_args(argv)
-    for server_round in args.rounds:
+    return print_tables(args.run_dir, args.rounds, lambda r: scan(args.run_dir, r, args.temperatures),
+                        ["temperature", "held-out NLL", "mean top prob.", "cold-start EM %", "federation's choice"],
+                        lambda r: [f"{r['temperature']:g}", f"{r['heldout_nll']:.4f}", f"{r['mean_top_prob']:.3f}",
+                                   f"{100 * r['coldstart_em']:.2f}", "yes" if r["chosen"] else ""])
+
+
+def print_tables(run_dir: Path, rounds: list[int], scan_round: Callable[[int], list[dict]], header: list[str],
+                 cells: Callable[[dict], list[str]]) -> int:
+    """One markdown table of ``scan_round``'s rows per saved round; 2 and a short error when a
+    round's checkpoint is missing or unreadable."""
+    for server_round in rounds:
         try:
-            rows = scan(args.run_dir, server_round, args.temperatures)
+            rows = scan_round(server_round)
         except CheckpointError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-        print(f"{args.run_dir.name}, round {server_round}:")
-        print("| temperature | held-out NLL | mean top prob. | cold-start EM % | federation's choice |")
-        print("|---|---|---|---|---|")
+        print(f"{run_dir.name}, round {server_round}:")
+        print("| " + " | ".join(header) + " |")
+        print("|" + "---|" * len(header))
         for r in rows:
-            print(f"| {r['temperature']:g} | {r['heldout_nll']:.4f} | {r['mean_top_prob']:.3f} | "
-                  f"{100 * r['coldstart_em']:.2f} | {'yes' if r['chosen'] else ''} |")
+            print("| " + " | ".join(cells(r)) + " |")
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())
