@@ -27,7 +27,7 @@ from .coldstart_temperatures import CPU, print_tables, saved_package
 
 
 def scan(run_dir: Path, server_round: int, weights: list[float]) -> list[dict[str, float]]:
-    cfg, state, arrays, num_classes = saved_package(run_dir, server_round)
+    cfg, state, arrays, _, num_classes = saved_package(run_dir, server_round)
     if "class_expert" not in state.extra:
         raise SystemExit(f"{run_dir.name} has no class map: run it with assignment_level=class_groups")
     k = cfg.num_experts
@@ -51,6 +51,8 @@ def scan(run_dir: Path, server_round: int, weights: list[float]) -> list[dict[st
     for weight in weights:
         model.shared_expert_weight = weight
         calibration = federation_calibration([prior_share(lambda b: model.mixture(b)[0], d, cfg, CPU) for d in train])
+        if calibration is None:
+            raise SystemExit(f"{run_dir.name}: no training client has a local test split to calibrate on")
         t, train_prior = calibration.temperature, calibration.prior
         correct = {"gate": 0.0, "oracle": 0.0}
         for unlabeled, test, labels in cold_parts:
@@ -71,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("rounds", type=int, nargs="+")
     parser.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     args = parser.parse_args(argv)
+    outside = [w for w in args.weights if not 0.0 <= w <= 1.0]
+    if outside:
+        parser.error(f"--weights: {outside[0]:g} is not a shared-expert weight in [0, 1]")
     return print_tables(args.run_dir, args.rounds, lambda r: scan(args.run_dir, r, args.weights),
                         ["shared expert weight", "temperature", "global raw %", "cold-start, gate-routed %",
                          "cold-start, routed by the label %"],

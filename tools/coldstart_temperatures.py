@@ -31,8 +31,9 @@ from fedcoe_flwr.server.callbacks.checkpoint import CheckpointError, load_checkp
 CPU = torch.device("cpu")
 
 
-def saved_package(run_dir: Path, server_round: int) -> tuple[ExperimentConfig, ServerState, dict, int]:
-    """A saved round's config, server state, cold-start package and number of classes."""
+def saved_package(run_dir: Path, server_round: int) -> tuple[ExperimentConfig, ServerState, dict, dict, int]:
+    """A saved round's config, server state, cold-start package (arrays and config) and number
+    of classes."""
     payload = load_checkpoint(run_dir / "checkpoints" / f"round-{server_round:05d}.pt")
     cfg = from_dict(saved_config(payload["config"]))
     algorithm = get_algorithm(cfg.algorithm)
@@ -40,15 +41,13 @@ def saved_package(run_dir: Path, server_round: int) -> tuple[ExperimentConfig, S
         raise SystemExit(f"{cfg.algorithm}'s new-client model averages the clients' private parts, "
                          "which a checkpoint does not hold")
     state = ServerState(payload["arrays"], payload["extra"])
-    arrays, _ = algorithm.coldstart_payload(state, cfg, None)
-    return cfg, state, arrays, len(federation_classes(cfg))
+    arrays, config = algorithm.coldstart_payload(state, cfg, None)
+    return cfg, state, arrays, config, len(federation_classes(cfg))
 
 
 def scan(run_dir: Path, server_round: int, temperatures: list[float]) -> list[dict[str, float]]:
-    cfg, state, arrays, num_classes = saved_package(run_dir, server_round)
-    algorithm = get_algorithm(cfg.algorithm)
-    _, config = algorithm.coldstart_payload(state, cfg, None)
-    predict, _ = algorithm.new_client_model(ClientStep(arrays, config, None, None, cfg, num_classes, CPU))
+    cfg, _, arrays, config, num_classes = saved_package(run_dir, server_round)
+    predict, _ = get_algorithm(cfg.algorithm).new_client_model(ClientStep(arrays, config, None, None, cfg, num_classes, CPU))
     train = [load_client_data(cfg, i) for i in range(cfg.num_clients)]
     cold = [load_client_data(cfg, cfg.num_clients + i) for i in range(cfg.num_coldstart_clients)]
     # the training clients' replies to the prior exchange, at the scan's temperatures

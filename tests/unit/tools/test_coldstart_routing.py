@@ -23,3 +23,9 @@ def test_a_run_without_a_class_map_is_refused(finished_run):
     _, run_dir = finished_run("fedavg")
     with pytest.raises(SystemExit, match="class map"):
         scan(run_dir, 1, [0.5])
+
+
+def test_a_weight_outside_zero_to_one_is_a_short_error(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["no-run", "1", "--weights", "1.5"])
+    assert stop.value.code == 2 and "1.5 is not a shared-expert weight" in capsys.readouterr().err
