@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from fedcoe_flwr.algorithms.adaptation import em_label_prior, federation_calibration, prior_correct, prior_share, tempered
 from fedcoe_flwr.algorithms.fedcoe.coldstart import pool_model
-from fedcoe_flwr.algorithms.fedcoe.model import split_pool_outputs, with_shared_expert
+from fedcoe_flwr.algorithms.fedcoe.model import routed_mixture, split_pool_outputs
 from fedcoe_flwr.algorithms.training import predict_probs
 from fedcoe_flwr.data import load_client_data, load_global_test
 
@@ -30,6 +30,9 @@ def scan(run_dir: Path, server_round: int, weights: list[float]) -> list[dict[st
     cfg, state, arrays, _, num_classes = saved_package(run_dir, server_round)
     if "class_expert" not in state.extra:
         raise SystemExit(f"{run_dir.name} has no class map: run it with assignment_level=class_groups")
+    if cfg.shared_expert_weight <= 0:
+        raise SystemExit(f"{run_dir.name} has no shared expert (shared_expert_weight={cfg.shared_expert_weight:g}) "
+                         "to weigh")
     k = cfg.num_experts
     to_expert = F.one_hot(torch.as_tensor(state.extra["class_expert"]).long(), k).float()
     model = pool_model(arrays, cfg, num_classes, CPU)
@@ -39,14 +42,14 @@ def scan(run_dir: Path, server_round: int, weights: list[float]) -> list[dict[st
 
     def mixture(parts, weight: float, route: torch.Tensor | None = None) -> torch.Tensor:
         gate, experts, shared = parts
-        gate = gate if route is None else route
-        return with_shared_expert(sum(gate[:, j:j + 1] * experts[j] for j in range(k)), shared, weight)
+        return routed_mixture(gate if route is None else route, experts, shared, weight)
 
     train = [load_client_data(cfg, i) for i in range(cfg.num_clients)]
     cold = [load_client_data(cfg, cfg.num_clients + i) for i in range(cfg.num_coldstart_clients)]
     cold_parts = [(outputs(d.train_x), outputs(d.test_x), d.test_y) for d in cold]
     x, y = load_global_test(cfg)
     global_parts = outputs(x)
+    n = sum(len(labels) for _, _, labels in cold_parts)
     rows = []
     for weight in weights:
         model.shared_expert_weight = weight
@@ -60,7 +63,6 @@ def scan(run_dir: Path, server_round: int, weights: list[float]) -> list[dict[st
             for name, route in (("gate", None), ("oracle", to_expert[labels])):
                 probs = prior_correct(tempered(mixture(test, weight, route), t), prior, train_prior)
                 correct[name] += float((probs.argmax(1) == labels).sum())
-        n = sum(len(labels) for _, _, labels in cold_parts)
         rows.append({"weight": weight, "temperature": t,
                      "global_raw": float((mixture(global_parts, weight).argmax(1) == y).float().mean()),
                      "coldstart_gate": correct["gate"] / n, "coldstart_oracle": correct["oracle"] / n})
@@ -81,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                          "cold-start, routed by the label %"],
                         lambda r: [f"{r['weight']:g}", f"{r['temperature']:g}", f"{100 * r['global_raw']:.2f}",
                                    f"{100 * r['coldstart_gate']:.2f}", f"{100 * r['coldstart_oracle']:.2f}"])
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -99,5 +99,6 @@ def print_tables(run_dir: Path, rounds: list[int], scan_round: Callable[[int], l
             print("| " + " | ".join(cells(r)) + " |")
     return 0
 
+
 if __name__ == "__main__":
     raise SystemExit(main())

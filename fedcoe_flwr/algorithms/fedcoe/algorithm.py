@@ -33,8 +33,8 @@ from ..specialisation import KEYS as SPECIALISATION_KEYS
 from ..specialisation import plot_specialisation, specialisation
 from .coldstart import NewClientModel, adapt_new_client, coldstart_evaluate, pool_model
 from .model import (CLASS_COOCCURRENCE, CLASS_MARGINAL, CORRELATION, GATE, TRAIN_PRIOR, TRUNK, FedCoEModel, build_client_model,
-                    build_gate, expert_prefix, network_part, pool_network, split_pool_outputs, trunk_part,
-                    with_shared_expert)
+                    build_gate, expert_prefix, network_part, pool_network, routed_mixture, split_pool_outputs,
+                    trunk_part)
 from .params import FedCoEParams, experts_per_client
 from .plots import plot_correlation
 
@@ -341,18 +341,15 @@ def class_map_routing(class_expert: Any, gate: torch.Tensor, experts: list[torch
     class_expert = torch.as_tensor(np.asarray(class_expert), dtype=torch.long)
     y = y.long().cpu()
     target = class_expert[y]
-    stacked = torch.stack([p.cpu() for p in experts], 1)  # images x K x classes
+    experts = [p.cpu() for p in experts]
+    shared = None if shared is None else shared.cpu()
 
     def mixture_accuracy(weights: torch.Tensor) -> float:  # weights: images x K
-        probs = (weights[:, :, None] * stacked).sum(1)
-        if shared is not None:
-            probs = with_shared_expert(probs, shared.cpu(), shared_weight)
-        return float((probs.argmax(1) == y).float().mean())
+        return float((routed_mixture(weights, experts, shared, shared_weight).argmax(1) == y).float().mean())
 
     out = {"gate_routing_accuracy": float((gate.cpu().argmax(1) == target).float().mean()),
            "oracle_routing_global_accuracy": mixture_accuracy(F.one_hot(target, len(experts)).float())}
     if shared is not None:
-        shared = shared.cpu()
         out["shared_expert_global_accuracy"] = float((shared.argmax(1) == y).float().mean())
         out["shared_routing_global_accuracy"] = mixture_accuracy(shared @ F.one_hot(class_expert, len(experts)).float())
     return out

@@ -269,3 +269,11 @@ def split_pool_outputs(outputs: torch.Tensor, num_experts: int, num_classes: int
     probs = list(rest.split(num_classes, dim=1))
     shared = probs.pop() if len(probs) > num_experts else None
     return gate, probs, shared
+
+
+def routed_mixture(weights: torch.Tensor, experts: list[torch.Tensor], shared: torch.Tensor | None,
+                   shared_weight: float) -> torch.Tensor:
+    """The mixture of the experts' class probabilities (``split_pool_outputs``) routed by
+    ``weights`` (images x K), blended with the shared expert's at its weight when there is one."""
+    probs = (weights[:, :, None] * torch.stack(experts, 1)).sum(1)
+    return probs if shared is None else with_shared_expert(probs, shared, shared_weight)

@@ -25,6 +25,12 @@ def test_a_run_without_a_class_map_is_refused(finished_run):
         scan(run_dir, 1, [0.5])
 
 
+def test_a_run_without_a_shared_expert_is_refused(finished_run):
+    _, run_dir = finished_run("fedcoe", shared_expert_weight=0.0)
+    with pytest.raises(SystemExit, match="no shared expert"):
+        scan(run_dir, 1, [0.5])
+
+
 def test_a_weight_outside_zero_to_one_is_a_short_error(capsys):
     with pytest.raises(SystemExit) as stop:
         main(["no-run", "1", "--weights", "1.5"])
